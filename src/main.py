@@ -1,0 +1,198 @@
+"""transferlab command line: parse the flags, load the config, hand both to the runner.
+
+    python src/main.py --strategy full_finetune bitfit --seeds 0 1 2
+    python src/main.py --help
+
+Exit status: 0 done; 2 a bad flag or a bad config value (one line says which);
+1 the run itself failed (one line here, the traceback in the log file); 130 interrupted.
+"""
+import argparse
+import difflib
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent
+if str(SRC) not in sys.path:  # so `python src/main.py` works from any directory
+    sys.path.insert(0, str(SRC))
+
+from transferlab.config import (  # noqa: E402  (needs the sys.path line above)
+    STRATEGY_NAMES, TASK_TARGETS, ConfigError, load_config, parse_override)
+from transferlab.logs import setup_logging  # noqa: E402
+
+DEFAULT_CONFIG = SRC.parent / "config.yaml"
+SWEEPS = ("relatedness",)
+
+log = logging.getLogger("transferlab.main")
+
+EXAMPLES = """\
+examples:
+  python src/main.py --strategy full_finetune
+  python src/main.py --strategy all --seeds 0 1 2 --output results.json
+  python src/main.py --strategy head_finetune bitfit --task tagging
+  python src/main.py --strategy full_finetune --set finetune.lr=3e-4 --set runner.seeds=[0,1]
+  python src/main.py --strategy scratch full_finetune --sweep relatedness
+  python src/main.py --strategy full_finetune --pretrained cache/pretrained.npz
+
+Flags override config.yaml, which overrides the defaults; RANDOM_SEED and LOG_LEVEL
+(environment or .env) sit between the file and the flags. See docs/configuration.md.
+"""
+
+
+def _one_of(kind, options):
+    """An argparse `type` that accepts one of `options` and suggests the nearest one."""
+    def check(text):
+        if text in options:
+            return text
+        close = difflib.get_close_matches(text, options, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"choose from {', '.join(options)}"
+        raise argparse.ArgumentTypeError(f"unknown {kind} {text!r} ({hint})")
+    return check
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _existing_file(text):
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def _override(text):
+    """Refuse a malformed --set now (usage + reason); load_config parses it again later."""
+    try:
+        parse_override(text)
+    except ConfigError as err:
+        # argparse already says "argument --set:", so drop our own "--set " prefix
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--set ")) from None
+    return text
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="Pretrain a small GPT-2 on a synthetic source task once, then compare "
+                    "transfer strategies on a small target task and write the results as "
+                    "JSON.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--strategy", nargs="+", metavar="S", type=_one_of("strategy", STRATEGY_NAMES + ("all",)),
+        help="transfer strategies to compare, or 'all'; one of: " + ", ".join(STRATEGY_NAMES)
+             + " (default: runner.strategies in the config). "
+               "Example: --strategy head_finetune full_finetune")
+    parser.add_argument(
+        "--task", metavar="T", type=_one_of("task", TASK_TARGETS),
+        help="target task: " + ", ".join(TASK_TARGETS) + " (default: task.target). "
+             "Example: --task tagging")
+    parser.add_argument(
+        "--config", metavar="PATH", default=str(DEFAULT_CONFIG),
+        help="YAML config file (default: config.yaml at the repository root). "
+             "Example: --config my_config.yaml")
+    parser.add_argument(
+        "--output", metavar="PATH",
+        help="results JSON file (default: runner.output). Example: --output runs/results.json")
+    parser.add_argument(
+        "--seeds", nargs="+", metavar="N", type=_seed,
+        help="one fine-tuning run per seed (default: runner.seeds). Example: --seeds 0 1 2")
+    parser.add_argument(
+        "--pretrained", metavar="PATH", type=_existing_file,
+        help="use this pretrained checkpoint instead of pretraining (or the cache). "
+             "Example: --pretrained cache/pretrained.npz")
+    parser.add_argument(
+        "--resume", metavar="PATH", type=_existing_file,
+        help="continue an interrupted run from this checkpoint. "
+             "Example: --resume runs/full_finetune-seed0.npz")
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+        type=_override,
+        help="override any config key; the value is read as YAML; repeatable. "
+             "Example: --set finetune.lr=3e-4 --set runner.seeds=[0,1,2]")
+    parser.add_argument(
+        "--sweep", metavar="KNOB", type=_one_of("sweep", SWEEPS),
+        help="repeat the comparison for each value in runner.sweep_values of this knob "
+             "(only: relatedness). Example: --sweep relatedness")
+    parser.add_argument(
+        "--no-progress", action="store_true",
+        help="no progress display while training (sets runner.progress=false)")
+    return parser
+
+
+def config_from_args(args):
+    """The Config the flags describe: the file, then --set, then the dedicated flags."""
+    overrides = list(args.overrides)  # "key=value" strings, reported as "--set" in errors
+    if args.strategy:
+        overrides.append(("runner.strategies", args.strategy))
+    if args.task:
+        overrides.append(("task.target", args.task))
+    if args.seeds:
+        overrides.append(("runner.seeds", args.seeds))
+    if args.output:
+        overrides.append(("runner.output", args.output))
+    if args.no_progress:
+        overrides.append(("runner.progress", False))
+    return load_config(args.config, overrides=overrides)
+
+
+def main(argv=None):
+    """Run the command line on `argv` (default sys.argv[1:]); return the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a bad flag (2, usage already printed)
+        return stop.code
+
+    try:
+        config = config_from_args(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    settings = config.logging
+    try:
+        setup_logging(settings.level, settings.file, settings.max_bytes, settings.backup_count)
+    except OSError as err:
+        print(f"error: logging.file: cannot open {settings.file!r}: {err.strerror or err}",
+              file=sys.stderr)
+        return 2
+    log.debug("config: %s", json.dumps(config.to_dict(), sort_keys=True))
+
+    try:
+        from transferlab.runner import run
+        status = run(config, pretrained=args.pretrained, resume=args.resume, sweep=args.sweep,
+                     progress=config.runner.progress)
+    except ConfigError as err:  # the runner found a bad combination of knobs
+        log.error("configuration error: %s", err, exc_info=True, extra={"console": False})
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - one line here, the traceback in the log file
+        log.error("run failed", exc_info=True, extra={"console": False})
+        if settings.level == "DEBUG":
+            traceback.print_exc()
+        message = " ".join(str(err).split())
+        print(f"error: {type(err).__name__}{': ' + message if message else ''} "
+              f"(traceback in {settings.file})", file=sys.stderr)
+        return 1
+    return 0 if status is None else int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

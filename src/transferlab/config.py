@@ -1,0 +1,552 @@
+"""Configuration: config.yaml + .env + command line -> one validated, frozen `Config`.
+
+Four layers, each overriding the one before it (docs/configuration.md):
+
+    dataclass defaults  <  config.yaml  <  .env / environment  <  --set section.key=value
+
+Every knob is a dataclass field declared with `knob(default, doc, **rules)`. The rules sit
+next to the field (`gt=0`, `ge=0, lt=1`, `choices=...`), and one small walker
+(`_check_section`) checks any mapping against any of these dataclasses. So adding a knob
+is one line here and one commented line in config.yaml, never a new `if`.
+
+A bad value raises `ConfigError` with one line that names where the value came from and
+its dotted key:
+
+    config.yaml: finetune.lr must be > 0, got -1.0
+    config.yaml: unknown key 'model.n_layers' (did you mean 'n_layer'?)
+
+    config = load_config("config.yaml", overrides=["finetune.lr=3e-4"])
+    config.finetune.lr                                   # 0.0003
+    swept = replace_in(config, "task.relatedness", 0.5)  # a new, validated Config
+"""
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import operator
+import os
+import re
+import typing
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Every transfer strategy the runner knows (strategies.py). "all" in runner.strategies
+# (or `--strategy all`) stands for this whole tuple, in this order.
+STRATEGY_NAMES = (
+    "scratch", "feature_extractor", "head_finetune", "full_finetune", "gradual_unfreeze",
+    "discriminative_lr", "freeze_then_unfreeze", "bitfit", "sparse_mask",
+)
+# The target tasks, one per head (tasks.py).
+TASK_TARGETS = ("topic", "binary", "tagging", "score")
+
+# The environment variables we read, and the config key each one sets.
+ENV_KEYS = {"RANDOM_SEED": "seed", "LOG_LEVEL": "logging.level"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, explained in one line that names the file and the key."""
+
+
+def knob(default, doc, **rules):
+    """A config field: its default, one line for the reader, and the rules a value obeys.
+
+    Rules: gt / ge / lt / le (bounds), choices (allowed values), nonempty (for strings and
+    lists), expand (a function applied to the checked value). For a list field the bounds
+    and choices apply to each element.
+    """
+    if isinstance(default, list):
+        default = tuple(default)  # frozen all the way down: lists are stored as tuples
+    return field(default=default, metadata={"doc": doc, **rules})
+
+
+def section(cls):
+    """A nested section: a field whose value is another config dataclass."""
+    return field(default_factory=cls)
+
+
+def _expand_all(names):
+    """runner.strategies: "all" stands for every strategy; drop repeats, keep the order."""
+    expanded = []
+    for name in names:
+        for one in STRATEGY_NAMES if name == "all" else (name,):
+            if one not in expanded:
+                expanded.append(one)
+    return tuple(expanded)
+
+
+# ---------------------------------------------------------------------------- the schema
+# The defaults are the values shipped in config.yaml (a test holds them equal).
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The GPT-2 backbone. vocab_size is not a knob: the task decides it."""
+    n_layer: int = knob(2, "transformer blocks", ge=1)
+    n_head: int = knob(4, "attention heads per block", ge=1)
+    n_embd: int = knob(64, "width C of the residual stream", ge=1)
+    block_size: int = knob(32, "longest sequence the model accepts (positions)", ge=1)
+    dropout: float = knob(0.1, "dropout probability while training", ge=0, lt=1)
+    dtype: str = knob("float32", "float type of every array", choices=("float32", "float64"))
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The synthetic source (language modelling) and target tasks (tasks.py)."""
+    n_tokens: int = knob(24, "vocabulary of the Markov chains", ge=2)
+    n_topics: int = knob(4, "number of chains (topics)", ge=2)
+    seq_len: int = knob(32, "tokens per sequence", ge=7)
+    concentration: float = knob(0.1, "Dirichlet concentration of chain rows (small = peaky)", gt=0)
+    relatedness: float = knob(1.0, "1 = target chains are the source chains, 0 = fresh ones",
+                              ge=0, le=1)
+    n_source_train: int = knob(2000, "source training sequences", ge=1)
+    n_source_val: int = knob(200, "source validation sequences", ge=1)
+    n_target_train: int = knob(64, "target training examples (small on purpose)", ge=1)
+    n_target_val: int = knob(128, "target validation examples", ge=1)
+    n_target_test: int = knob(512, "target test examples", ge=1)
+    min_len: int = knob(8, "shortest target sequence (the rest is padding); a tagging row "
+                           "needs two 3-token segments", ge=6)
+    target: str = knob("topic", "which target task", choices=TASK_TARGETS)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Language-model pretraining on the source task (done once, then cached)."""
+    steps: int = knob(600, "optimizer steps", ge=1)
+    batch_size: int = knob(32, "sequences per step", ge=1)
+    lr: float = knob(3e-3, "peak learning rate (warmup, then cosine decay)", gt=0)
+    warmup_steps: int = knob(50, "linear warmup steps", ge=0)
+    weight_decay: float = knob(0.1, "AdamW decoupled weight decay (2-D weights only)", ge=0)
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this", gt=0)
+    eval_every: int = knob(100, "steps between validation evaluations", ge=1)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Training on the target task: shared by every strategy."""
+    steps: int = knob(300, "optimizer steps", ge=1)
+    batch_size: int = knob(16, "examples per step", ge=1)
+    lr: float = knob(1e-3, "base learning rate (strategies scale it)", gt=0)
+    weight_decay: float = knob(0.01, "AdamW decoupled weight decay", ge=0)
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this", gt=0)
+    eval_every: int = knob(25, "steps between validation evaluations", ge=1)
+    patience: int = knob(4, "early stopping after this many evaluations without "
+                            "improvement; 0 = off", ge=0)
+    pooling: str = knob("mean", "sequence pooling", choices=("cls", "last", "mean", "attention"))
+    attention: str = knob("bidirectional", "attention mask of the target heads",
+                          choices=("causal", "bidirectional"))
+    label_smoothing: float = knob(0.0, "classification label smoothing eps", ge=0, lt=1)
+    head_hidden: int = knob(0, "0 = linear head, else the hidden width of an MLP head", ge=0)
+    optimizer: str = knob("adamw", "optimizer", choices=("adamw", "sgd"))
+    momentum: float = knob(0.9, "SGD momentum", ge=0, lt=1)
+    layernorm_trainable_when_frozen: bool = knob(False, "keep LayerNorms of frozen blocks "
+                                                        "trainable (fastai does)")
+
+
+@dataclass(frozen=True)
+class HeadFinetuneConfig:
+    backbone_lr_multiplier: float = knob(0.1, "backbone LR = this x the head LR", ge=0)
+
+
+@dataclass(frozen=True)
+class GradualUnfreezeConfig:
+    decay: float = knob(2.6, "each lower block group trains at the rate above / decay", gt=0)
+    phases: int = knob(0, "unfreezing phases; 0 = one phase per block group", ge=0)
+
+
+@dataclass(frozen=True)
+class DiscriminativeLRConfig:
+    decay: float = knob(2.6, "each lower block group trains at the rate above / decay", gt=0)
+    cut_frac: float = knob(0.1, "slanted triangular LR: fraction of steps spent rising",
+                           gt=0, lt=1)
+    ratio: float = knob(32.0, "slanted triangular LR: peak / lowest rate", ge=1)
+
+
+@dataclass(frozen=True)
+class FreezeThenUnfreezeConfig:
+    unfreeze_at_iteration: int = knob(100, "step at which the backbone unfreezes", ge=0)
+    unfreeze_lr_multiplier: float = knob(0.1, "backbone LR after unfreezing = this x base", ge=0)
+    head_lr_multiplier: float = knob(1.0, "head LR = this x base", gt=0)
+
+
+@dataclass(frozen=True)
+class SparseMaskConfig:
+    keep_fraction: float = knob(0.05, "fraction of weights that train (Fisher top-k)", gt=0, le=1)
+    fisher_batches: int = knob(8, "batches used to estimate the Fisher information", ge=1)
+
+
+@dataclass(frozen=True)
+class StrategiesConfig:
+    """The knobs that belong to one strategy each (strategies.py)."""
+    head_finetune: HeadFinetuneConfig = section(HeadFinetuneConfig)
+    gradual_unfreeze: GradualUnfreezeConfig = section(GradualUnfreezeConfig)
+    discriminative_lr: DiscriminativeLRConfig = section(DiscriminativeLRConfig)
+    freeze_then_unfreeze: FreezeThenUnfreezeConfig = section(FreezeThenUnfreezeConfig)
+    sparse_mask: SparseMaskConfig = section(SparseMaskConfig)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What to run and where the results go."""
+    strategies: tuple[str, ...] = knob(STRATEGY_NAMES, 'strategies to compare; "all" = every one',
+                                       choices=STRATEGY_NAMES + ("all",), nonempty=True,
+                                       expand=_expand_all)
+    seeds: tuple[int, ...] = knob((0,), "one fine-tuning run per seed", ge=0, nonempty=True)
+    output: str = knob("results.json", "results JSON file", nonempty=True)
+    cache_dir: str = knob("cache", "where the pretrained model is cached", nonempty=True)
+    plot: str = knob("results.png", "learning-curve / sweep plot", nonempty=True)
+    progress: bool = knob(True, "show progress while training")
+    sweep_values: tuple[float, ...] = knob((0.0, 0.25, 0.5, 0.75, 1.0),
+                                           "task.relatedness values for --sweep relatedness",
+                                           ge=0, le=1, nonempty=True)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = knob("INFO", "console log level (LOG_LEVEL overrides)",
+                      choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    file: str = knob("logs/transferlab.log", "rotating log file", nonempty=True)
+    max_bytes: int = knob(1_000_000, "rotate the log file at this size; 0 = never", ge=0)
+    backup_count: int = knob(3, "rotated log files kept", ge=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. Frozen: derive a changed copy with `replace_in`."""
+    seed: int = knob(0, "master seed (RANDOM_SEED overrides)", ge=0)
+    model: ModelConfig = section(ModelConfig)
+    task: TaskConfig = section(TaskConfig)
+    pretrain: PretrainConfig = section(PretrainConfig)
+    finetune: FinetuneConfig = section(FinetuneConfig)
+    strategies: StrategiesConfig = section(StrategiesConfig)
+    runner: RunnerConfig = section(RunnerConfig)
+    logging: LoggingConfig = section(LoggingConfig)
+
+    def to_dict(self):
+        """A plain dict of plain values (tuples become lists), ready for json.dumps."""
+        return _plain(self)
+
+
+# Rules that tie two knobs together, checked on the finished Config:
+# (key to blame, the other key, test that must hold, what the key must be).
+# The message names the layer that set the later of the two keys.
+CROSS_CHECKS = (
+    ("model.n_embd", "model.n_head", lambda c: c.model.n_embd % c.model.n_head == 0,
+     lambda c: f"a multiple of model.n_head ({c.model.n_head})"),
+    ("task.seq_len", "model.block_size", lambda c: c.task.seq_len <= c.model.block_size,
+     lambda c: f"<= model.block_size ({c.model.block_size})"),
+    ("task.min_len", "task.seq_len", lambda c: c.task.min_len <= c.task.seq_len - 1,
+     lambda c: f"<= task.seq_len - 1 ({c.task.seq_len - 1}: one slot stays free for a CLS token)"),
+)
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def load_config(path=None, overrides=(), env=True):
+    """Build the Config: defaults < the YAML file < .env and environment < overrides.
+
+    path: a YAML file, or None for the defaults alone.
+    overrides: "section.key=value" strings (value parsed as YAML, like --set) or
+        (dotted key, value) pairs.
+    env: read RANDOM_SEED and LOG_LEVEL from a `.env` file (next to the config file,
+        else in the current directory) and from the real environment, which wins.
+    Raises ConfigError, one line naming the file (or --set) and the dotted key.
+    """
+    layers = []  # (where the values came from, nested dict of values), lowest first
+    if path is not None:
+        layers.append((str(path), _read_yaml_file(path)))
+    if env:
+        layers.extend(_env_layers(path))
+    for item in overrides:
+        if isinstance(item, str):
+            key, value = parse_override(item)
+            layers.append(("--set", _nest(key, value)))
+        else:
+            key, value = item
+            layers.append(("command line", _nest(key, value)))
+    return _build_from_layers(layers)
+
+
+def replace_in(config, key, value):
+    """A new, validated Config equal to `config` except at dotted `key`.
+
+        replace_in(config, "task.relatedness", 0.25)
+    """
+    return _build_from_layers([("replace_in", config.to_dict()),
+                               ("replace_in", _nest(key, value))])
+
+
+def config_hash(d):
+    """sha256 hex digest of canonical JSON of a (sub-)config: same values, same hash.
+
+    Accepts a dict or a config dataclass, e.g. config_hash(config.to_dict()["model"]).
+    Used to key the pretrained-model cache: change any knob in it and the key changes.
+    """
+    text = json.dumps(_plain(d), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def parse_override(text):
+    """'finetune.lr=3e-4' -> ('finetune.lr', 0.0003). The value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. finetune.lr=3e-4")
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML "
+                          f"({_one_line(getattr(err, 'problem', None) or err)})") from None
+    return key, value
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with two fixes for config files.
+
+    - `3e-4` is a float (YAML 1.2). YAML 1.1, which PyYAML follows, wants `3.0e-4` and
+      would hand us the string '3e-4'.
+    - A key written twice in one mapping is an error, not "the last one silently wins".
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _read_yaml_file(path):
+    """The file's top-level mapping ({} for an empty file); one-line ConfigError otherwise."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read config file: {_one_line(err)}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: "
+                          f"{_one_line(err.problem or err.context)}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: malformed YAML: {_one_line(err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections "
+                          f"(section: ...), got {type(data).__name__}")
+    return data
+
+
+def _env_layers(config_path):
+    """Layers from the .env file and the real environment (RANDOM_SEED, LOG_LEVEL)."""
+    from dotenv import dotenv_values  # python-dotenv reads the file, we map the names
+
+    candidates = [Path(config_path).parent / ".env"] if config_path is not None else []
+    candidates.append(Path.cwd() / ".env")
+    sources = []
+    for env_file in candidates:
+        if env_file.is_file():
+            sources.append((str(env_file), dotenv_values(env_file)))
+            break  # the first .env found is the one used
+    sources.append(("environment", os.environ))  # real variables beat the .env file
+
+    layers = []
+    for origin, variables in sources:
+        for name, key in ENV_KEYS.items():
+            raw = variables.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            if name == "LOG_LEVEL":
+                raw = raw.strip().upper()  # LOG_LEVEL=debug means DEBUG
+            try:
+                value = yaml.load(raw, Loader=_Loader)
+            except yaml.YAMLError:
+                value = raw  # leave it to the type check to explain
+            layers.append((f"{origin} ({name})", _nest(key, value)))
+    return layers
+
+
+# ------------------------------------------------------------------------- the walker
+
+
+def _build_from_layers(layers):
+    """Check each layer against the schema, merge them in order, build the Config."""
+    merged, origin = {}, {}  # origin: dotted key -> (layer number, where), for messages
+    for number, (where, data) in enumerate(layers):
+        checked = _check_section(Config, data, where, prefix="")
+        _merge(merged, checked, origin, (number, where), prefix="")
+    config = _construct(Config, merged)
+    for key, other, holds, must_be in CROSS_CHECKS:
+        if not holds(config):
+            _, where = max(origin.get(key, (-1, "defaults")), origin.get(other, (-1, "defaults")))
+            raise ConfigError(f"{where}: {key} must be {must_be(config)}, "
+                              f"got {_get(config, key)!r}")
+    return config
+
+
+def _check_section(cls, data, where, prefix):
+    """Check a mapping against dataclass `cls`; return the checked values it sets."""
+    if not isinstance(data, Mapping):
+        what = "the top level" if not prefix else prefix.rstrip(".")
+        raise ConfigError(f"{where}: {what} must be a mapping (section), got {_show(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    types = typing.get_type_hints(cls)
+    checked = {}
+    for name, value in data.items():
+        name = str(name)
+        key = prefix + name
+        if name not in fields:
+            raise ConfigError(f"{where}: {_unknown(name, key, fields, at_top=not prefix)}")
+        if dataclasses.is_dataclass(types[name]):
+            checked[name] = _check_section(types[name], value, where, key + ".")
+        else:
+            checked[name] = _check_value(value, types[name], fields[name].metadata, where, key)
+    return checked
+
+
+def _check_value(value, type_, rules, where, key):
+    """Check one value (a scalar, or a tuple[...] field given as a YAML list)."""
+    if typing.get_origin(type_) is tuple:
+        item_type = typing.get_args(type_)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list of {_NAMES[item_type][1]}, "
+                              f"got {_show(value)}")
+        if rules.get("nonempty") and not value:
+            raise ConfigError(f"{where}: {key} must not be empty")
+        value = tuple(_check_scalar(item, item_type, rules, where, f"{key}[{i}]")
+                      for i, item in enumerate(value))
+    else:
+        value = _check_scalar(value, type_, rules, where, key)
+        if rules.get("nonempty") and value == "":
+            raise ConfigError(f"{where}: {key} must not be empty")
+    return rules["expand"](value) if "expand" in rules else value
+
+
+# type -> (how a message names one, how it names several)
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), bool: ("true or false", "true/false values")}
+
+# type -> does this YAML value have it? True is an int in Python, but not a number here.
+_HAS_TYPE = {
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # 1 is fine
+    str: lambda v: isinstance(v, str),
+    bool: lambda v: isinstance(v, bool),
+}
+
+# bound rule -> (test, symbol); lower bounds first, so a pair reads "in [low, high)"
+_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="),
+           "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
+
+
+def _check_scalar(value, type_, rules, where, key):
+    """Type first, then choices, then bounds; returns the value (ints made floats)."""
+    if not _HAS_TYPE[type_](value):
+        raise ConfigError(f"{where}: {key} must be {_NAMES[type_][0]}, got {_show(value)}")
+    if type_ is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
+
+    if "choices" in rules and value not in rules["choices"]:
+        close = difflib.get_close_matches(str(value), rules["choices"], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(rules['choices'])}, "
+                          f"got {value!r}{hint}")
+    bounds = [(rule, rules[rule]) for rule in _BOUNDS if rule in rules]
+    if not all(_BOUNDS[rule][0](value, limit) for rule, limit in bounds):
+        raise ConfigError(f"{where}: {key} must be {_range_text(bounds)}, got {value!r}")
+    return value
+
+
+def _range_text(bounds):
+    """[('ge', 0), ('lt', 1)] -> 'in [0, 1)'; a single bound -> '> 0', '<= 1'."""
+    if len(bounds) == 2:
+        (low, a), (high, b) = bounds
+        return f"in {'(' if low == 'gt' else '['}{a}, {b}{')' if high == 'lt' else ']'}"
+    (rule, limit), = bounds
+    return f"{_BOUNDS[rule][1]} {limit}"
+
+
+def _unknown(name, key, fields, at_top):
+    """"unknown key 'model.n_layers' (did you mean 'n_layer'?)", or list the known ones."""
+    what = "section" if at_top else "key"
+    close = difflib.get_close_matches(name, list(fields), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(fields)}"
+    return f"unknown {what} {key!r} ({hint})"
+
+
+def _merge(into, checked, origin, source, prefix):
+    """Deep-merge checked values into `into`, noting the source of each leaf."""
+    for name, value in checked.items():
+        if isinstance(value, dict):
+            _merge(into.setdefault(name, {}), value, origin, source, prefix + name + ".")
+        else:
+            into[name] = value
+            origin[prefix + name] = source
+
+
+def _construct(cls, values):
+    """The dataclass from checked values; anything not given keeps its default."""
+    types = typing.get_type_hints(cls)
+    return cls(**{name: _construct(types[name], value) if isinstance(value, dict) else value
+                  for name, value in values.items()})
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _nest(key, value):
+    """'finetune.lr', 3e-4 -> {'finetune': {'lr': 3e-4}}."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _get(config, key):
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _plain(obj):
+    """Dataclasses -> dicts, tuples -> lists, recursively (JSON-able)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _show(value):
+    """How a wrong value is shown in a message: its type, then the value."""
+    if value is None:
+        return "nothing (null)"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _one_line(err):
+    return " ".join(str(err).split())
