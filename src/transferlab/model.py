@@ -152,6 +152,9 @@ class LoadReport:
     unexpected: list = field(default_factory=list)
     mismatched: list = field(default_factory=list)  # (name, expected shape, got shape)
     ignored: list = field(default_factory=list)  # buffers and tied aliases, with the reason
+    # filled by checkpoint.load_into (partial loading for transfer):
+    resized: list = field(default_factory=list)  # (name, model shape, checkpoint shape, how)
+    reasons: dict = field(default_factory=dict)  # name -> why it was not loaded as it is
 
     @property
     def ok(self) -> bool:
@@ -165,6 +168,8 @@ class LoadReport:
             lines.append(f"unexpected ({len(self.unexpected)}): {', '.join(self.unexpected)}")
         for name, want, got in self.mismatched:
             lines.append(f"shape mismatch: {name} expects {want}, checkpoint has {got} (skipped)")
+        for name, want, got, how in self.resized:
+            lines.append(f"resized ({how}): {name} {got} -> {want}, the overlap copied")
         if self.ignored:
             lines.append(f"ignored ({len(self.ignored)}): " + ", ".join(n for n, _ in self.ignored))
         return "\n".join(lines)
@@ -270,6 +275,8 @@ class GPT:
         """
         old = self.config.vocab_size
         std = self.config.init_std if std is None else std
+        # validate first (e.g. a pad_id or cls_id beyond the new size), before changing params
+        new_config = dataclasses.replace(self.config, vocab_size=new_vocab_size)
         for name in ("wte.weight", "lm_head.weight"):
             if name not in self.params:
                 continue
@@ -284,7 +291,7 @@ class GPT:
                 grown = np.ones((new_vocab_size, w.shape[1]), dtype=mask.dtype)
                 grown[:keep] = mask[:keep]
                 self.masks[name] = grown
-        self.config = dataclasses.replace(self.config, vocab_size=new_vocab_size)
+        self.config = new_config
         return self
 
     # ------------------------------------------------------------------ modes
@@ -582,8 +589,11 @@ class GPT:
             incoming[name] = (key, value)
         if "lm_head.weight" in incoming and "lm_head.weight" not in self.params:
             key, value = incoming.pop("lm_head.weight")
-            if "wte.weight" in incoming or self.config.head != "lm":
-                report.ignored.append((key, "tied to wte.weight"))
+            if self.config.head != "lm":
+                report.ignored.append((key, f"the model has a {self.config.head} head, no LM head"))
+            elif "wte.weight" in incoming:
+                report.ignored.append(
+                    (key, "the model's LM head is tied to wte.weight, which the state dict also holds"))
             else:
                 incoming["wte.weight"] = (key, value)
         for name, (key, value) in incoming.items():

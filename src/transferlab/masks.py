@@ -1,0 +1,239 @@
+"""Trainable masks: which individual weights may change.
+
+Every parameter may carry a 0/1 mask, broadcastable to it, in `model.masks`; a parameter
+without one is fully trainable. The optimizer applies the update rule
+
+    theta <- theta - tau * eta * update,      tau in {0, 1} per entry,
+
+and the model's backward pass reads the same masks to skip work: a fully masked tensor
+gets no gradient computed, and backward stops below the lowest trainable parameter.
+Freezing, unfreezing, bias-only training (BitFit), training only new embedding rows and
+sparse fine-tuning (a Fisher top-k mask, FISH) are all just masks. See docs/masks.md.
+
+Parameters are grouped by depth for layer-wise operations (fastai's layer groups):
+group 0 the embeddings, groups 1..L the transformer blocks, group L+1 ln_f and the head.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import numpy as np
+
+_LAYERNORM = re.compile(r"(^|\.)ln_(1|2|f)\.")
+
+
+def frozen_mask(param) -> np.ndarray:
+    """A 0-d zero mask: broadcasts to any shape and costs nothing to store.
+
+    It has the parameter's dtype so that multiplying by it never promotes float32.
+    """
+    return np.zeros((), dtype=param.dtype)
+
+
+def is_layernorm(name: str) -> bool:
+    return bool(_LAYERNORM.search(name))
+
+
+def is_head(name: str) -> bool:
+    return name.startswith(("lm_head.", "token_head.", "seq_head."))
+
+
+def group_of(name: str, n_layer: int) -> int:
+    """The layer group of a parameter: 0 embeddings, i + 1 block i, L + 1 ln_f and head."""
+    if name.startswith(("wte.", "wpe.")):
+        return 0
+    match = re.match(r"h\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return n_layer + 1
+
+
+def group_names(n_layer: int) -> list[str]:
+    return ["embeddings"] + [f"h.{i}" for i in range(n_layer)] + ["ln_f + head"]
+
+
+def _match(model, patterns) -> list[str]:
+    """Parameter names matching any of the glob patterns; a pattern matching nothing is an error."""
+    names = []
+    for pattern in patterns:
+        hits = [n for n in model.params if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(
+                f"pattern {pattern!r} matches no parameter "
+                f"(names look like 'h.0.attn.c_attn.weight', 'wte.weight', 'ln_f.bias')"
+            )
+        names += [n for n in hits if n not in names]
+    return names
+
+
+# ------------------------------------------------------------------ whole tensors
+
+
+def freeze(model, *patterns: str) -> list[str]:
+    """Freeze every parameter matching a glob pattern ('h.0.*', '*.bias'). Returns the names."""
+    names = _match(model, patterns)
+    for name in names:
+        model.masks[name] = frozen_mask(model.params[name])
+    return names
+
+
+def unfreeze(model, *patterns: str) -> list[str]:
+    """Make every parameter matching a pattern fully trainable again."""
+    names = _match(model, patterns)
+    for name in names:
+        model.masks.pop(name, None)
+    return names
+
+
+def unfreeze_all(model) -> None:
+    model.masks.clear()
+
+
+def freeze_backbone(model, layernorm_trainable: bool = False) -> None:
+    """Everything but the head frozen (the feature extractor).
+
+    LayerNorms are frozen too by default (Keras semantics); fastai keeps them trainable,
+    which `layernorm_trainable=True` gives. A tied LM head shares wte, so for an LM head the
+    embedding stays trainable: switch to a classifier head first to freeze it.
+    """
+    model.masks.clear()
+    tied_lm = model.config.head == "lm" and "lm_head.weight" not in model.params
+    for name, p in model.params.items():
+        if is_head(name) or (tied_lm and name == "wte.weight"):
+            continue
+        if not (layernorm_trainable and is_layernorm(name)):
+            model.masks[name] = frozen_mask(p)
+
+
+def freeze_to(model, n: int, layernorm_trainable: bool = False) -> None:
+    """fastai's freeze_to: layer groups below n frozen, groups n and above trainable.
+
+    Groups: 0 embeddings, 1..L blocks, L + 1 ln_f + head. Negative n counts from the top
+    (freeze_to(-1): only the last group trains).
+    """
+    L = model.config.n_layer
+    n_groups = L + 2
+    if n < 0:
+        n += n_groups
+    if not 0 <= n <= n_groups:
+        raise ValueError(f"freeze_to: n must be in [-{n_groups}, {n_groups}], got {n}")
+    model.masks.clear()
+    tied_lm = model.config.head == "lm" and "lm_head.weight" not in model.params
+    for name in model.params:
+        below = group_of(name, L) < n
+        keep = (layernorm_trainable and is_layernorm(name)) or (tied_lm and name == "wte.weight" and n <= L + 1)
+        if below and not keep:
+            model.masks[name] = frozen_mask(model.params[name])
+
+
+# ------------------------------------------------------------------ element-wise
+
+
+def set_mask(model, name: str, mask) -> None:
+    """Any 0/1 array broadcastable to the parameter; entries with 0 never change."""
+    if name not in model.params:
+        raise ValueError(f"set_mask: unknown parameter {name!r}")
+    mask = np.asarray(mask)
+    shape = model.params[name].shape
+    try:
+        np.broadcast_to(mask, shape)
+    except ValueError:
+        raise ValueError(
+            f"mask for {name} has shape {mask.shape}, not broadcastable to the parameter's {shape}"
+        ) from None
+    if not np.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"mask for {name} must contain only 0 and 1")
+    model.masks[name] = mask.astype(model.params[name].dtype)
+
+
+def bias_only(model) -> None:
+    """BitFit (arXiv 2106.10199): only bias terms (LayerNorm biases included) and the head train."""
+    model.masks.clear()
+    for name in model.params:
+        if not (name.endswith(".bias") or is_head(name)):
+            model.masks[name] = frozen_mask(model.params[name])
+
+
+def train_rows(model, name: str, rows) -> None:
+    """Only the given rows of a 2-D parameter train, e.g. new embedding rows for a CLS token."""
+    p = model.params[name] if name in model.params else None
+    if p is None or p.ndim != 2:
+        raise ValueError(f"train_rows: {name!r} is not a 2-D parameter")
+    rows = np.asarray(rows, dtype=int).ravel()
+    if rows.size and (rows.min() < 0 or rows.max() >= p.shape[0]):
+        raise ValueError(
+            f"train_rows: row ids {rows.tolist()} must lie in [0, {p.shape[0]}) for {name}")
+    mask = np.zeros((p.shape[0], 1), dtype=p.dtype)  # (V, 1): broadcasts over the columns
+    mask[rows] = 1.0
+    model.masks[name] = mask
+
+
+def fisher_mask(model, batches, keep_fraction: float, exclude_head: bool = True) -> dict:
+    """FISH mask (Sung et al., arXiv 2111.09839): keep the top-k weights by empirical Fisher.
+
+    F_i = mean over batches of (dL/dtheta_i)^2 approximates the Fisher information of
+    weight i. The `keep_fraction` of backbone weights with the largest F_i train, the rest
+    are masked; the head (new, so it has no meaningful Fisher yet) stays fully trainable.
+    `batches` yields (idx, targets, attention_mask). Returns the masks it set.
+    """
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    model.masks.clear()
+    was_training = model.training
+    model.eval()  # the Fisher of the deterministic model, no dropout noise
+    fisher = {name: np.zeros_like(p) for name, p in model.params.items()}
+    n = 0
+    for idx, targets, attention_mask in batches:
+        model(idx, targets, attention_mask=attention_mask)
+        for name, g in model.backward().items():
+            fisher[name] += g * g
+        n += 1
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("fisher_mask needs at least one batch")
+    scored = [name for name in fisher if not (exclude_head and is_head(name))]
+    scores = np.concatenate([fisher[name].ravel() for name in scored])
+    k = max(1, int(round(keep_fraction * scores.size)))
+    # exactly the k largest, ties broken arbitrarily: a threshold test `F >= F_(k)` would
+    # also keep every entry tied with the k-th, e.g. all the zero gradients of unused rows
+    keep = np.zeros(scores.size, dtype=bool)
+    keep[np.argpartition(scores, scores.size - k)[scores.size - k:]] = True
+    start = 0
+    for name in scored:
+        p = model.params[name]
+        model.masks[name] = keep[start:start + p.size].reshape(p.shape).astype(p.dtype)
+        start += p.size
+    return model.masks
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def count(model) -> tuple[int, int]:
+    """(trainable entries, all entries); a tied LM head counts wte once."""
+    trainable = total = 0
+    for name, p in model.params.items():
+        total += p.size
+        mask = model.masks.get(name)
+        trainable += p.size if mask is None else int(np.broadcast_to(mask, p.shape).sum())
+    return trainable, total
+
+
+def report(model, per_group: bool = True) -> str:
+    """`trainable params: 1,234 || all params: 5,678 || trainable%: 21.7` plus a group table."""
+    trainable, total = count(model)
+    lines = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.1f}"]
+    if per_group:
+        L = model.config.n_layer
+        rows = {g: [0, 0] for g in range(L + 2)}
+        for name, p in model.params.items():
+            mask = model.masks.get(name)
+            got = p.size if mask is None else int(np.broadcast_to(mask, p.shape).sum())
+            rows[group_of(name, L)][0] += got
+            rows[group_of(name, L)][1] += p.size
+        width = max(len(n) for n in group_names(L))
+        lines.append(f"{'group':<{width}}  {'trainable':>10}  {'total':>10}")
+        for g, label in enumerate(group_names(L)):
+            lines.append(f"{label:<{width}}  {rows[g][0]:>10,}  {rows[g][1]:>10,}")
+    return "\n".join(lines)
