@@ -1,0 +1,504 @@
+"""Optimizers that respect masks: SGD and AdamW over a dict of NumPy arrays.
+
+Transfer learning decides, entry by entry, which weights may move. Every update here is
+
+    theta <- theta - tau * update          tau in {0, 1} per entry (the mask)
+
+and tau gates *everything* the optimizer does to an entry: the gradient step, the
+momentum or Adam moments left over from before the entry was frozen, and weight decay.
+Multiplying the gradient by the mask is not enough: Adam keeps moving a weight whose
+gradient is zero, on its stale moments, and decay keeps shrinking it (docs/optimizers.md
+shows the drift). So for a partly masked parameter the optimizer gathers the entries
+with tau = 1, runs the update on those alone, and scatters them back: an entry with
+tau = 0 is never read nor written, neither in the parameter nor in its state.
+
+    opt = AdamW(model.params, lr=1e-3, weight_decay=0.01, masks={"wte.weight": m})
+    opt.step(grads)                     # updates the arrays in model.params in place
+    opt.lr = schedule.lr_at(step)       # schedules set the rate between steps
+    opt.lr_scale = {"seq_head.weight": 10.0}   # per-parameter multipliers on lr
+
+The arithmetic of one step lives in two plain functions, `adamw_update` and `sgd_update`,
+written in the same operation order as PyTorch's single-tensor (foreach=False) code, so
+a float64 run matches torch.optim to ~1e-15. The classes only do the bookkeeping: which
+parameters and entries move, at which rate, with which state.
+
+Docs: docs/optimizers.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+__all__ = ["Optimizer", "AdamW", "SGD", "adamw_update", "sgd_update", "clip_grad_norm",
+           "default_decay"]
+
+Params = dict[str, np.ndarray]
+DecayRule = Callable[[str, np.ndarray], bool]
+
+
+# ----------------------------------------------------------------------------------------
+# the update rules, one array at a time
+
+
+def adamw_update(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                 step: int, *, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float) -> None:
+    """One AdamW step on one array, in place (p, exp_avg and exp_avg_sq are updated).
+
+        p   <- p * (1 - lr*wd)                                 decoupled weight decay
+        m   <- beta1*m + (1 - beta1)*g                         first moment
+        v   <- beta2*v + (1 - beta2)*g*g                       second moment
+        p   <- p - lr/(1 - beta1^t) * m / (sqrt(v)/sqrt(1 - beta2^t) + eps)
+
+    `step` is t, this parameter's step count including this step (t >= 1).
+    See docs/optimizers.md#adamw.
+    """
+    beta1, beta2 = betas
+    scratch = np.empty_like(p)  # the one temporary of the step, reused below
+    if weight_decay != 0.0:
+        # decoupled: decay shrinks p directly and never enters m or v (torch: p.mul_(1-lr*wd))
+        np.multiply(p, 1.0 - lr * weight_decay, out=p)
+
+    # m <- beta1*m + (1-beta1)*g: a running mean of the gradient
+    np.multiply(exp_avg, beta1, out=exp_avg)
+    np.multiply(g, 1.0 - beta1, out=scratch)
+    np.add(exp_avg, scratch, out=exp_avg)
+    # v <- beta2*v + (1-beta2)*g*g: a running mean of the squared gradient
+    np.multiply(exp_avg_sq, beta2, out=exp_avg_sq)
+    np.multiply(g, g, out=scratch)
+    np.multiply(scratch, 1.0 - beta2, out=scratch)
+    np.add(exp_avg_sq, scratch, out=exp_avg_sq)
+
+    # m and v start at 0, so after t steps they are too small by (1 - beta^t): undo that
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    step_size = lr / bias_correction1
+
+    # denom = sqrt(v)/sqrt(1 - beta2^t) + eps
+    np.sqrt(exp_avg_sq, out=scratch)
+    np.divide(scratch, math.sqrt(bias_correction2), out=scratch)
+    np.add(scratch, eps, out=scratch)
+    # p <- p - step_size * m / denom
+    np.divide(exp_avg, scratch, out=scratch)
+    np.multiply(scratch, step_size, out=scratch)
+    np.subtract(p, scratch, out=p)
+
+
+def sgd_update(p: np.ndarray, g: np.ndarray, momentum_buffer: np.ndarray | None, *,
+               lr: float, momentum: float, nesterov: bool, weight_decay: float) -> None:
+    """One SGD step on one array, in place (torch.optim.SGD with dampening 0).
+
+        d   = g + wd*p                                         coupled L2 decay
+        buf <- momentum*buf + d                                (if momentum != 0)
+        d   = d + momentum*buf if nesterov else buf
+        p   <- p - lr*d
+
+    `momentum_buffer` starts as zeros, so the first step gives buf = d exactly, which is
+    torch's `buf = d.clone()`. See docs/optimizers.md#sgd.
+    """
+    scratch = np.empty_like(p)
+    d_p = g
+    if weight_decay != 0.0:
+        # coupled: the decay term joins the gradient, and so also the momentum buffer
+        np.multiply(p, weight_decay, out=scratch)
+        np.add(g, scratch, out=scratch)
+        d_p = scratch
+    if momentum != 0.0:
+        np.multiply(momentum_buffer, momentum, out=momentum_buffer)
+        np.add(momentum_buffer, d_p, out=momentum_buffer)
+        if nesterov:
+            # look one momentum step ahead: d + momentum*buf
+            ahead = np.multiply(momentum_buffer, momentum)
+            d_p = np.add(d_p, ahead, out=ahead)
+        else:
+            d_p = momentum_buffer
+    np.multiply(d_p, lr, out=scratch)
+    np.subtract(p, scratch, out=p)
+
+
+# ----------------------------------------------------------------------------------------
+# validation helpers: every message names the bad value
+
+
+def _check_number(name: str, value: Any, low: float = 0.0, high: float | None = None,
+                  high_open: bool = False) -> float:
+    """float(value) if it is a finite number in [low, high] (or [low, high)), else ValueError."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    bad = not math.isfinite(x) or x < low
+    if high is not None:
+        bad = bad or x > high or (high_open and x == high)
+    if bad:
+        upper = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
+        raise ValueError(f"{name} must be a finite number >= {low}{upper}, got {value!r}")
+    return x  # a Python float: keeps float32 arrays float32 under NumPy 2
+
+
+def _require(h: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    missing = [key for key in keys if key not in h]
+    if missing:
+        raise ValueError(f"hyperparameters lack {missing}")
+
+
+def _check_masks(params: Params, masks: Mapping[str, Any], check_values: bool) -> None:
+    """Every mask names a known parameter and broadcasts to its shape (and holds 0/1)."""
+    for name, mask in masks.items():
+        if mask is None:
+            continue  # same as absent: fully trainable
+        if name not in params:
+            raise ValueError(f"mask given for unknown parameter {name!r}")
+        mask = np.asarray(mask)
+        shape = params[name].shape
+        try:
+            fits = np.broadcast_shapes(mask.shape, shape) == shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"mask for parameter {name!r} has shape {mask.shape}, which does "
+                             f"not broadcast to the parameter's shape {shape}")
+        if check_values and mask.dtype != bool and not np.all((mask == 0) | (mask == 1)):
+            raise ValueError(f"mask for parameter {name!r} must hold only 0 and 1")
+
+
+def _check_lr_scale(params: Params, lr_scale: Mapping[str, Any]) -> dict[str, float]:
+    """Known names, finite non-negative multipliers; returned as Python floats."""
+    checked = {}
+    for name, scale in lr_scale.items():
+        if name not in params:
+            raise ValueError(f"lr_scale given for unknown parameter {name!r}")
+        checked[name] = _check_number(f"lr_scale[{name!r}]", scale)
+    return checked
+
+
+def _flat_view(name: str, a: np.ndarray) -> np.ndarray:
+    """a as a 1-D view (writing to it writes to a); a copy would silently lose updates."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"parameter {name!r} must be a C-contiguous array to be updated "
+                         f"through a mask (np.ascontiguousarray makes one)")
+    return a.reshape(-1)
+
+
+def default_decay(name: str, p: np.ndarray) -> bool:
+    """nanoGPT's rule: weight matrices and embeddings decay, biases and LayerNorms don't."""
+    return p.ndim >= 2
+
+
+def _decay_rule(decay: None | str | DecayRule) -> DecayRule:
+    if decay is None:
+        return default_decay
+    if decay == "all":
+        return lambda name, p: True
+    if callable(decay):
+        return decay
+    raise ValueError(f"decay must be None, 'all' or a callable (name, array) -> bool, "
+                     f"got {decay!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# the optimizers: bookkeeping around the update rules
+
+
+class Optimizer:
+    """What SGD and AdamW share: which entries move, at which rate, with which state.
+
+    params     name -> float ndarray, updated in place (the same dict and array objects)
+    lr         plain float attribute; schedules set it between steps
+    masks      name -> 0/1 array broadcastable to the parameter; absent = fully trainable
+    lr_scale   name -> multiplier on lr; absent = 1.0
+    state      name -> {"step": int, <state arrays>}, created on a parameter's first step
+    """
+
+    state_keys: tuple[str, ...] = ()  # names of the per-parameter state arrays
+
+    def __init__(self, params: Params, masks: Mapping[str, Any] | None,
+                 lr_scale: Mapping[str, float] | None, decay: None | str | DecayRule) -> None:
+        if not isinstance(params, dict) or not params:
+            raise ValueError("params must be a non-empty dict name -> ndarray")
+        for name, p in params.items():
+            if not isinstance(p, np.ndarray) or not np.issubdtype(p.dtype, np.floating):
+                raise ValueError(f"parameter {name!r} must be a floating-point ndarray, "
+                                 f"got {type(p).__name__} {getattr(p, 'dtype', '')}")
+        self.params = params
+        self.decay_rule = _decay_rule(decay)
+        self.masks = masks
+        self.lr_scale = lr_scale
+        self.state: dict[str, dict[str, Any]] = {}
+
+    # masks and lr_scale are checked whenever they are (re)assigned, e.g. by gradual
+    # unfreezing between steps, so a bad one fails where it was made, not deep in step().
+    # The masks dict is kept, not copied: `opt.masks = model.masks` then follows later
+    # in-place edits of model.masks (step() rechecks names and shapes).
+    @property
+    def masks(self) -> Mapping[str, Any]:
+        return self._masks
+
+    @masks.setter
+    def masks(self, masks: Mapping[str, Any] | None) -> None:
+        masks = {} if masks is None else masks
+        _check_masks(self.params, masks, check_values=True)
+        self._masks = masks
+
+    @property
+    def lr_scale(self) -> dict[str, float]:
+        return self._lr_scale
+
+    @lr_scale.setter
+    def lr_scale(self, lr_scale: Mapping[str, float] | None) -> None:
+        self._lr_scale = _check_lr_scale(self.params, dict(lr_scale or {}))
+
+    def _tau(self, name: str) -> bool | np.ndarray | None:
+        """Where `name` may change: True (everywhere), a boolean array, or None (nowhere)."""
+        mask = self._masks.get(name)
+        if mask is None:
+            return True
+        mask = np.asarray(mask)
+        tau = mask if mask.dtype == bool else mask != 0
+        if not tau.any():
+            return None
+        return True if tau.all() else tau  # an all-ones mask takes the fast unmasked path
+
+    def step(self, grads: Mapping[str, np.ndarray | None]) -> None:
+        """Update every parameter that has a gradient and is not fully masked, in place.
+
+        A missing or None gradient skips that parameter and leaves its state untouched;
+        gradients for names the optimizer does not hold are ignored.
+        """
+        lr = _check_number("lr", self.lr)
+        # the dicts may have been edited in place since they were assigned: recheck cheaply
+        _check_masks(self.params, self._masks, check_values=False)
+        _check_lr_scale(self.params, self._lr_scale)
+        for name, p in self.params.items():
+            g = grads.get(name)
+            if g is None:
+                continue
+            if g.shape != p.shape:
+                raise ValueError(f"gradient for parameter {name!r} has shape {g.shape}, "
+                                 f"the parameter has shape {p.shape}")
+            tau = self._tau(name)
+            if tau is None:
+                continue  # fully frozen: no computation, no step count, state untouched
+            state = self.state.get(name)
+            if state is None:
+                state = self.state[name] = self._init_state(p)
+            self._check_state_shapes(name, state, p)
+            state["step"] += 1
+            arrays = {key: state[key] for key in self.state_keys}
+            rate, decays = lr * self._lr_scale.get(name, 1.0), self.decay_rule(name, p)
+            if tau is True:
+                self._update(p, g, arrays, state["step"], rate, decays)
+            else:
+                self._update_entries(name, p, g, arrays, tau, state["step"], rate, decays)
+
+    def _update_entries(self, name: str, p: np.ndarray, g: np.ndarray,
+                        arrays: dict[str, np.ndarray], tau: np.ndarray, step: int, lr: float,
+                        decays: bool) -> None:
+        """theta[k] <- theta[k] - update, for the trainable entries k (tau = 1) only.
+
+        Gathers those entries of p, g and the state arrays into short vectors, runs the
+        ordinary update on them, and scatters the results back. The frozen entries and
+        their state are never read nor written, so they stay bit-identical, and the
+        trainable ones get exactly the numbers an unmasked update would give them.
+        """
+        k = np.flatnonzero(np.broadcast_to(tau, p.shape))  # (K,) flat indices, C order
+        p_flat = _flat_view(name, p)  # (p.size,) views: writing them writes p and its state
+        flats = {key: _flat_view(name, a) for key, a in arrays.items()}
+        p_k, arrays_k = p_flat[k], {key: a[k] for key, a in flats.items()}  # (K,) copies
+        self._update(p_k, g.reshape(-1)[k], arrays_k, step, lr, decays)
+        p_flat[k] = p_k
+        for key, a in flats.items():
+            a[k] = arrays_k[key]
+
+    def _init_state(self, p: np.ndarray) -> dict[str, Any]:
+        # C order, like the parameter, so the masked path can view both as flat vectors
+        return {"step": 0, **{key: np.zeros(p.shape, p.dtype) for key in self.state_keys}}
+
+    def _check_state_shapes(self, name: str, state: Mapping[str, Any], p: np.ndarray) -> None:
+        for key in self.state_keys:
+            if state[key].shape != p.shape:
+                raise ValueError(f"optimizer state {key!r} for parameter {name!r} has shape "
+                                 f"{state[key].shape}, the parameter has shape {p.shape}")
+
+    def _update(self, p: np.ndarray, g: np.ndarray, arrays: dict[str, np.ndarray], step: int,
+                lr: float, decays: bool) -> None:
+        """Apply the update rule to p and its state arrays in place (all unmasked)."""
+        raise NotImplementedError
+
+    # -- checkpointing -------------------------------------------------------------------
+
+    def hyperparameters(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (arrays copied) of everything needed to continue bit-identically.
+
+            {"type": "AdamW", "hyperparameters": {"lr": ..., ...},
+             "lr_scale": {name: float},
+             "state": {name: {"step": int, "exp_avg": ndarray, "exp_avg_sq": ndarray}}}
+
+        Only ndarrays and JSON-able values. Masks are not included: they belong to the
+        training plan and are checkpointed with the model (as torch leaves requires_grad
+        out of an optimizer's state_dict).
+        """
+        return {
+            "type": type(self).__name__,
+            "hyperparameters": self.hyperparameters(),
+            "lr_scale": dict(self._lr_scale),
+            "state": {name: {"step": int(s["step"]),
+                             **{key: s[key].copy() for key in self.state_keys}}
+                      for name, s in self.state.items()},
+        }
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Restore a `state_dict()` exactly (arrays copied, cast to each parameter's dtype)."""
+        if sd.get("type") != type(self).__name__:
+            raise ValueError(f"state dict is for optimizer {sd.get('type')!r}, "
+                             f"not {type(self).__name__!r}")
+        for key in ("hyperparameters", "lr_scale", "state"):
+            if key not in sd:
+                raise ValueError(f"optimizer state dict has no {key!r} entry")
+        # hyperparameters first: they decide which state arrays exist (SGD's momentum)
+        previous = self.hyperparameters()
+        self.set_hyperparameters(sd["hyperparameters"])
+        try:
+            state = {}
+            for name, s in sd["state"].items():
+                if name not in self.params:
+                    raise ValueError(f"optimizer state given for unknown parameter {name!r}")
+                p = self.params[name]
+                missing = [key for key in ("step", *self.state_keys) if key not in s]
+                if missing:
+                    raise ValueError(f"optimizer state for parameter {name!r} lacks {missing}")
+                state[name] = {"step": int(s["step"]),
+                               **{key: np.array(s[key], dtype=p.dtype, order="C")
+                                  for key in self.state_keys}}
+                self._check_state_shapes(name, state[name], p)
+            self.lr_scale = sd["lr_scale"]
+        except ValueError:
+            self.set_hyperparameters(previous)  # a failed load leaves the optimizer as it was
+            raise
+        self.state = state
+
+    def set_hyperparameters(self, h: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW.
+
+    Weight decay applies to the parameters `decay` selects: by default those with
+    ndim >= 2 (nanoGPT); "all"; or a callable (name, array) -> bool.
+    """
+
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01,
+                 masks: Mapping[str, Any] | None = None,
+                 lr_scale: Mapping[str, float] | None = None,
+                 decay: None | str | DecayRule = None) -> None:
+        super().__init__(params, masks, lr_scale, decay)
+        self.set_hyperparameters(
+            {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    def set_hyperparameters(self, h: Mapping[str, Any]) -> None:
+        _require(h, ("lr", "betas", "eps", "weight_decay"))
+        betas = h["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        # check everything before assigning anything: a bad value changes nothing
+        lr = _check_number("lr", h["lr"])
+        betas = (_check_number("beta1", betas[0], high=1.0, high_open=True),
+                 _check_number("beta2", betas[1], high=1.0, high_open=True))
+        eps = _check_number("eps", h["eps"])
+        weight_decay = _check_number("weight_decay", h["weight_decay"])
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lr": float(self.lr), "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay}
+
+    def _update(self, p, g, arrays, step, lr, decays):
+        adamw_update(p, g, arrays["exp_avg"], arrays["exp_avg_sq"], step, lr=lr,
+                     betas=self.betas, eps=self.eps,
+                     weight_decay=self.weight_decay if decays else 0.0)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum and Nesterov, as torch.optim.SGD.
+
+    Weight decay is coupled L2 (added to the gradient), on the parameters `decay` selects.
+    """
+
+    def __init__(self, params: Params, lr: float = 1e-2, momentum: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0,
+                 masks: Mapping[str, Any] | None = None,
+                 lr_scale: Mapping[str, float] | None = None,
+                 decay: None | str | DecayRule = None) -> None:
+        super().__init__(params, masks, lr_scale, decay)
+        self.set_hyperparameters({"lr": lr, "momentum": momentum, "nesterov": nesterov,
+                                  "weight_decay": weight_decay})
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        # plain SGD keeps no buffer at all (torch stores None)
+        return ("momentum_buffer",) if self.momentum != 0.0 else ()
+
+    def set_hyperparameters(self, h: Mapping[str, Any]) -> None:
+        _require(h, ("lr", "momentum", "nesterov", "weight_decay"))
+        lr = _check_number("lr", h["lr"])
+        momentum = _check_number("momentum", h["momentum"])
+        if h["nesterov"] and momentum == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0, got momentum=0")
+        weight_decay = _check_number("weight_decay", h["weight_decay"])
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.nesterov = bool(h["nesterov"])
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lr": float(self.lr), "momentum": self.momentum, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay}
+
+    def _update(self, p, g, arrays, step, lr, decays):
+        sgd_update(p, g, arrays.get("momentum_buffer"), lr=lr, momentum=self.momentum,
+                   nesterov=self.nesterov, weight_decay=self.weight_decay if decays else 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# gradient clipping
+
+
+def clip_grad_norm(grads: Mapping[str, np.ndarray | None], max_norm: float,
+                   masks: Mapping[str, Any] | None = None) -> float:
+    """Scale all gradients in place so their global L2 norm is at most `max_norm`.
+
+        norm = sqrt(sum over every gradient entry of g^2)      (masked entries left out)
+        g   <- g * max_norm/(norm + 1e-6)                      only if that factor is < 1
+
+    as torch.nn.utils.clip_grad_norm_. Returns the norm before clipping. Masked entries
+    are excluded because they will not be applied: a frozen weight's large gradient
+    should not shrink the step of the weights that do train. See docs/optimizers.md#clipping.
+    """
+    max_norm = _check_number("max_norm", max_norm)
+    if max_norm == 0.0:
+        raise ValueError("max_norm must be > 0, got 0")
+    masks = dict(masks or {})
+    present = {name: g for name, g in grads.items() if g is not None}
+    _check_masks(present, {n: m for n, m in masks.items() if n in present}, check_values=True)
+    sum_sq = 0.0
+    for name, g in present.items():
+        entries = g.reshape(-1)
+        if masks.get(name) is not None:  # only the trainable entries count
+            entries = entries[np.flatnonzero(np.broadcast_to(np.asarray(masks[name]) != 0,
+                                                             g.shape))]
+        # summed in float64 so a float32 gradient's norm is not rounded away
+        entries = entries.astype(np.float64, copy=False)
+        sum_sq += float(np.dot(entries, entries))
+    norm = math.sqrt(sum_sq)
+    clip_coef = max_norm / (norm + 1e-6)
+    if clip_coef < 1.0:
+        for g in present.values():
+            np.multiply(g, clip_coef, out=g)  # Python float: float32 stays float32
+    return norm
