@@ -133,6 +133,12 @@ class FinetuneConfig:
     weight_decay: float = knob(0.01, "AdamW decoupled weight decay", ge=0)
     grad_clip: float = knob(1.0, "clip the global gradient norm to this", gt=0)
     eval_every: int = knob(25, "steps between validation evaluations", ge=1)
+    schedule: str = knob("warmup_cosine", "learning-rate schedule of strategies that do not "
+                                          "bring their own", choices=("warmup_cosine", "constant", "plateau"))
+    warmup_steps: int = knob(10, "warmup_cosine: linear warmup steps", ge=0)
+    plateau_patience: int = knob(2, "plateau: evaluations without improvement before the "
+                                    "rate drops", ge=0)
+    plateau_factor: float = knob(0.5, "plateau: the rate is multiplied by this", gt=0, lt=1)
     patience: int = knob(4, "early stopping after this many evaluations without "
                             "improvement; 0 = off", ge=0)
     pooling: str = knob("mean", "sequence pooling", choices=("cls", "last", "mean", "attention"))

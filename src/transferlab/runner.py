@@ -1,0 +1,385 @@
+"""The experiment: pretrain once, adapt with each strategy for each seed, compare.
+
+    config -> tasks -> pretrain (LM head on the source task, cached on disk by config hash)
+           -> for each seed and strategy: load, switch head, apply the plan, train on the target
+           -> metrics (target test split; source LM loss of the adapted backbone) -> results
+
+`run(config)` writes the results JSON (atomically), prints a comparison table (mean +- std
+over seeds) and saves a plot. `--sweep relatedness` repeats the comparison for each value
+of task.relatedness. See docs/README.md and docs/results.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as C
+from . import strategies as S
+from .config import config_hash, replace_in
+from .model import GPT, GPTConfig
+from .tasks import TaskSpec, append_cls, make_source, make_target
+from .train import PRIMARY, Data, Settings, evaluate, lm_split, train
+
+log = logging.getLogger("transferlab")
+
+HEAD_OF_TASK = {  # target kind -> (model head, sequence output)
+    "topic": ("sequence", "classify"),
+    "binary": ("sequence", "classify"),
+    "tagging": ("token", "classify"),
+    "score": ("sequence", "score"),
+}
+
+
+# ---------------------------------------------------------------------- progress display
+
+
+class Progress:
+    """One status line on stderr: what runs, step, loss, rate and time left."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, stream=None):
+        self.label, self.total, self.stream = label, total, stream or sys.stderr
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.last_draw = 0.0
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last_draw < 0.1 and step < self.total):
+            return
+        self.last_draw = now
+        rate = step / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        self.stream.write(f"\r{self.label:<28} {step:>5}/{self.total} loss {loss:7.4f} "
+                          f"lr {lr:.2e} {rate:6.0f} it/s eta {eta:4.1f}s ")
+        if step >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------- building blocks
+
+
+def task_spec(config) -> TaskSpec:
+    t = config.task
+    return TaskSpec(
+        n_tokens=t.n_tokens, n_topics=t.n_topics, seq_len=t.seq_len, concentration=t.concentration,
+        relatedness=t.relatedness, n_source_train=t.n_source_train, n_source_val=t.n_source_val,
+        n_target_train=t.n_target_train, n_target_val=t.n_target_val, n_target_test=t.n_target_test,
+        min_len=t.min_len, seed=config.seed)
+
+
+def pretrain_key(config) -> str:
+    """Everything pretraining depends on; the target task and relatedness are not part of it."""
+    task = {k: v for k, v in config.to_dict()["task"].items()
+            if k not in ("relatedness", "target", "n_target_train", "n_target_val", "n_target_test", "min_len")}
+    return config_hash({"seed": config.seed, "model": config.to_dict()["model"], "task": task,
+                        "pretrain": config.to_dict()["pretrain"]})
+
+
+def backbone_config(config, spec: TaskSpec) -> GPTConfig:
+    m = config.model
+    return GPTConfig(vocab_size=spec.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+                     n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, dtype=m.dtype,
+                     head="lm", pad_id=spec.pad_id)
+
+
+def pretrain(config, spec: TaskSpec, path: Path, progress: bool) -> dict:
+    """Train the LM head on the source task and save the checkpoint at `path`."""
+    p = config.pretrain
+    source = make_source(spec)
+    model = GPT(backbone_config(config, spec), seed=config.seed)
+    data = Data("lm", lm_split(source.train), lm_split(source.val))
+    settings = Settings(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                        grad_clip=p.grad_clip, eval_every=p.eval_every, warmup_steps=p.warmup_steps)
+    plan = S.Plan("pretrain", pretrained=False, phases=(S.Phase(0, "all"),))
+    bar = Progress("pretrain (source LM)", p.steps, progress)
+    result = train(model, data, plan, settings, seed=config.seed, progress=bar)
+    log.info("pretrained in %.1fs: source val loss %.4f (best at step %d)",
+             result.seconds, result.best["loss"], result.best_step)
+    C.save_checkpoint(path, model, step=result.steps_run,
+                      extra={"kind": "pretrained", "history": result.history, "key": pretrain_key(config)})
+    return {"seconds": result.seconds, "history": result.history}
+
+
+def target_model(config, kind: str, n_classes: int, spec: TaskSpec, pretrained_path, seed: int):
+    """A model for the target task: the pretrained backbone with a new head, or a random one."""
+    f = config.finetune
+    head, output = HEAD_OF_TASK[kind]
+    changes = dict(n_classes=n_classes, sequence_output=output, pooling=f.pooling,
+                   causal=f.attention == "causal", label_smoothing=f.label_smoothing,
+                   head_hidden=f.head_hidden, dropout=config.model.dropout)
+    cls_id = spec.vocab_size if (head == "sequence" and f.pooling == "cls") else None
+    if pretrained_path is None:
+        base = backbone_config(config, spec)
+        cfg = dataclasses.replace(base, vocab_size=base.vocab_size + (cls_id is not None),
+                                  head=head, cls_id=cls_id, **changes)
+        return GPT(cfg, seed=seed)
+    model = C.model_from_checkpoint(pretrained_path, seed=seed)
+    model.masks.clear()
+    if cls_id is not None:
+        model.resize_vocab(spec.vocab_size + 1)  # a new CLS row; the old rows are kept
+    model.set_head(head, cls_id=cls_id, **changes)  # breaks the wte tie
+    model.rng = np.random.default_rng([seed, 1])
+    return model
+
+
+def source_lm_loss(model, pretrained_path, source_val) -> float:
+    """LM loss on the source task of the adapted backbone under the pretrained LM head.
+
+    The adapted backbone (its wte included, as the input embedding) is kept; the output
+    projection is the pretrained wte, so any change in the loss is the backbone's doing.
+    """
+    ckpt = C.load_checkpoint(pretrained_path)
+    cfg = GPTConfig(**{**ckpt.config, "tie_weights": False})
+    lm = GPT(cfg)
+    V = cfg.vocab_size
+    for name, value in model.params.items():
+        if name in lm.params:
+            lm.params[name][...] = value[:V] if name == "wte.weight" else value
+    lm.params["lm_head.weight"][...] = ckpt.params["wte.weight"]
+    return evaluate(lm, "lm", lm_split(source_val))["loss"]
+
+
+def settings_for(config, plan) -> Settings:
+    f = config.finetune
+    return Settings(steps=f.steps, batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay,
+                    grad_clip=f.grad_clip, eval_every=f.eval_every, patience=f.patience,
+                    optimizer=f.optimizer, momentum=f.momentum, schedule=f.schedule,
+                    warmup_steps=f.warmup_steps, plateau_patience=f.plateau_patience,
+                    plateau_factor=f.plateau_factor,
+                    layernorm_trainable=f.layernorm_trainable_when_frozen,
+                    keep_fraction=config.strategies.sparse_mask.keep_fraction,
+                    fisher_batches=config.strategies.sparse_mask.fisher_batches)
+
+
+def run_one(config, strategy: str, seed: int, pretrained_path, source_val, progress: bool,
+            resume: str | None = None, checkpoint: str | None = None) -> dict:
+    """One strategy, one seed: a results entry as DESIGN.md describes it."""
+    spec = task_spec(config)
+    kind = config.task.target
+    target = make_target(kind, spec, seed=seed)
+    plan = S.build_plan(strategy, config.finetune.steps, config.model.n_layer, config.strategies)
+    model = target_model(config, kind, target.n_classes, spec, pretrained_path if plan.pretrained else None, seed)
+    splits = [target.train, target.val, target.test]
+    if model.config.cls_id is not None:
+        splits = [append_cls(s, model.config.cls_id) for s in splits]
+    data = Data(kind, *splits)
+    bar = Progress(f"{strategy} (seed {seed})", config.finetune.steps, progress)
+    result = train(model, data, plan, settings_for(config, plan), seed=seed, progress=bar,
+                   checkpoint=checkpoint, resume=resume,
+                   extra={"kind": "finetune", "strategy": strategy, "seed": seed, "task": kind})
+    test = evaluate(model, kind, data.test, cache=result.cache, cache_name="test")
+    entry = {
+        "strategy": strategy, "task": kind, "seed": seed,
+        "relatedness": config.task.relatedness,
+        "trainable_params": result.trainable_params,
+        "trainable_params_by_phase": result.trainable_by_phase,
+        "total_params": int(sum(p.size for p in model.params.values())),
+        "seconds": round(result.seconds, 3),
+        "steps": result.steps_run, "best_step": result.best_step, "stopped": result.stopped,
+        "target": test,
+        "source": {"lm_loss": source_lm_loss(model, pretrained_path, source_val)},
+        "history": result.history,
+    }
+    log.info("%s seed %d: %s %.4f, source lm_loss %.4f, %d/%d trainable, %.1fs", strategy, seed,
+             PRIMARY[kind][0], test[PRIMARY[kind][0]], entry["source"]["lm_loss"],
+             entry["trainable_params"], entry["total_params"], entry["seconds"])
+    return entry
+
+
+# ---------------------------------------------------------------------- summary
+
+
+def summarize(entries: list[dict], kind: str) -> list[dict]:
+    """Mean and std over seeds per strategy (and relatedness)."""
+    metric = PRIMARY[kind][0]
+    rows, order = {}, []
+    for e in entries:
+        key = (e["strategy"], e["relatedness"])
+        if key not in rows:
+            rows[key], _ = [], order.append(key)
+        rows[key].append(e)
+    out = []
+    for strategy, relatedness in order:
+        group = rows[(strategy, relatedness)]
+        values = np.array([e["target"][metric] for e in group])
+        source = np.array([e["source"]["lm_loss"] for e in group])
+        out.append({
+            "strategy": strategy, "relatedness": relatedness, "metric": metric, "n_seeds": len(group),
+            "mean": float(values.mean()), "std": float(values.std()),
+            "source_lm_loss_mean": float(source.mean()), "source_lm_loss_std": float(source.std()),
+            "trainable_params": group[0]["trainable_params"], "total_params": group[0]["total_params"],
+            "seconds_mean": float(np.mean([e["seconds"] for e in group])),
+        })
+    return out
+
+
+def table(summary: list[dict], pretrained_loss: float | None) -> str:
+    """The comparison table printed at the end of a run."""
+    metric = summary[0]["metric"]
+    head = (f"{'strategy':<21} {'relat.':>6} {metric + ' (test)':>17} {'source LM loss':>17} "
+            f"{'trainable':>10} {'of':>8} {'sec':>6}")
+    lines = [head, "-" * len(head)]
+    for r in summary:
+        lines.append(
+            f"{r['strategy']:<21} {r['relatedness']:>6.2f} {r['mean']:>9.4f} +- {r['std']:<5.3f}"
+            f"{r['source_lm_loss_mean']:>10.4f} +- {r['source_lm_loss_std']:<5.3f}"
+            f"{r['trainable_params']:>10,} {r['total_params']:>8,} {r['seconds_mean']:>6.2f}")
+    if pretrained_loss is not None:
+        lines.append(f"(source LM loss of the pretrained model before any transfer: {pretrained_loss:.4f})")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write to a temporary file beside `path`, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool) -> None:
+    """Learning curves per strategy and the final metric per strategy (or vs relatedness)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = PRIMARY[kind][0]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    strategies = list(dict.fromkeys(e["strategy"] for e in entries))
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(strategies)}
+    top_r = max(e["relatedness"] for e in entries)
+    for s in strategies:
+        curves = [e["history"] for e in entries if e["strategy"] == s and e["relatedness"] == top_r]
+        steps = [h["step"] for h in curves[0]]
+        n = min(len(c) for c in curves)
+        vals = np.array([[h[metric] for h in c[:n]] for c in curves]).mean(axis=0)
+        ax1.plot(steps[:n], vals, label=s, color=colors[s])
+    ax1.set_xlabel("step")
+    ax1.set_ylabel(f"validation {metric}")
+    ax1.set_title(f"learning curves ({kind}, relatedness {top_r:g}, mean over seeds)")
+    ax1.legend(fontsize=7)
+    if sweep:
+        for s in strategies:
+            rows = [r for r in summary if r["strategy"] == s]
+            ax2.errorbar([r["relatedness"] for r in rows], [r["mean"] for r in rows],
+                         yerr=[r["std"] for r in rows], marker="o", capsize=3, label=s, color=colors[s])
+        ax2.set_xlabel("relatedness")
+        ax2.legend(fontsize=7)
+        ax2.set_title(f"test {metric} vs relatedness")
+    else:
+        rows = [r for r in summary if r["relatedness"] == top_r]
+        ax2.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["std"] for r in rows],
+                color=[colors[r["strategy"]] for r in rows], capsize=3)
+        ax2.set_xticks(range(len(rows)), [r["strategy"] for r in rows], rotation=35, ha="right", fontsize=8)
+        ax2.set_title(f"test {metric} (mean +- std over seeds)")
+    ax2.set_ylabel(f"test {metric}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def ensure_pretrained(config, pretrained: str | None, progress: bool):
+    """The pretrained checkpoint: the one given, the cached one, or a new one."""
+    spec = task_spec(config)
+    if pretrained:
+        ckpt = C.load_checkpoint(pretrained)
+        if ckpt.config.get("vocab_size") != spec.vocab_size:
+            raise ValueError(f"{pretrained}: pretrained vocab_size {ckpt.config.get('vocab_size')} "
+                             f"does not match the task's {spec.vocab_size}")
+        return Path(pretrained), {"path": str(pretrained), "cached": True}
+    key = pretrain_key(config)
+    path = Path(config.runner.cache_dir) / f"pretrained-{key[:16]}.npz"
+    if path.exists():
+        log.info("using the cached pretrained model %s", path)
+        return path, {"path": str(path), "cached": True}
+    log.info("pretraining the source LM (cached afterwards at %s)", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = pretrain(config, spec, path, progress)
+    return path, {"path": str(path), "cached": False, **info}
+
+
+def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
+    """Run what the config asks for; write JSON and plot; print the table. Returns 0."""
+    progress = config.runner.progress if progress is None else progress
+    t0 = time.perf_counter()
+    if resume:
+        return _resume(config, resume, pretrained, progress)
+    path, pre_info = ensure_pretrained(config, pretrained, progress)
+    spec = task_spec(config)
+    source_val = make_source(spec).val
+    pre_info["source_lm_loss"] = source_lm_loss(C.model_from_checkpoint(path), path, source_val)
+    values = config.runner.sweep_values if sweep == "relatedness" else (config.task.relatedness,)
+    entries = []
+    for value in values:
+        cfg = replace_in(config, "task.relatedness", float(value))
+        for seed in config.runner.seeds:
+            for strategy in config.runner.strategies:
+                entries.append(run_one(cfg, strategy, seed, path, source_val, progress))
+    kind = config.task.target
+    summary = summarize(entries, kind)
+    out = {
+        "config": config.to_dict(), "sweep": sweep, "pretrained": pre_info,
+        "summary": summary, "results": entries, "seconds": round(time.perf_counter() - t0, 2),
+    }
+    write_json_atomic(config.runner.output, out)
+    print(table(summary, pre_info["source_lm_loss"]))
+    try:
+        plot(config.runner.plot, entries, summary, kind, sweep == "relatedness")
+        print(f"results: {config.runner.output}   plot: {config.runner.plot}")
+    except ImportError:
+        print(f"results: {config.runner.output}   (no plot: matplotlib is not installed)")
+    log.info("done in %.1fs", time.perf_counter() - t0)
+    return 0
+
+
+def _resume(config, resume, pretrained, progress) -> int:
+    """Continue one interrupted fine-tuning run from its checkpoint; print its entry."""
+    ckpt = C.load_checkpoint(resume)
+    extra = ckpt.extra or {}
+    if extra.get("kind") != "finetune":
+        raise ValueError(f"{resume}: not a fine-tuning run checkpoint (nothing to resume)")
+    path, _ = ensure_pretrained(config, pretrained, progress)
+    cfg = replace_in(config, "task.target", extra["task"])
+    source_val = make_source(task_spec(cfg)).val
+    entry = run_one(cfg, extra["strategy"], extra["seed"], path, source_val, progress,
+                    resume=resume, checkpoint=resume)
+    write_json_atomic(config.runner.output, {"config": cfg.to_dict(), "results": [entry]})
+    print(table(summarize([entry], entry["task"]), None))
+    return 0

@@ -1,0 +1,337 @@
+"""The training loop: batches, evaluation, metrics, early stopping, feature cache, resume.
+
+One loop serves pretraining (the LM head on the source task) and every transfer strategy:
+the strategy's plan (strategies.py) decides, phase by phase, which parameters train and at
+which rate; the loop only carries it out.
+
+    result = train(model, data, plan, settings, seed=0)
+
+Safety: the loss is checked every step; a NaN or inf stops training with a clear message
+and the last good checkpoint (written at each evaluation when `checkpoint` is given) is
+left untouched. A run can stop and resume bit-identically: the checkpoint holds the
+parameters, masks, optimizer moments, schedule, step, dropout RNG and data-order RNG.
+See docs/training.md.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import strategies as S
+from .losses import IGNORE_INDEX, log_softmax
+from .masks import count
+from .optim import SGD, AdamW, clip_grad_norm
+from .schedules import make_schedule
+from .tasks import Split
+
+log = logging.getLogger("transferlab")
+
+# what each task reports, and which number early stopping watches (and in which direction)
+PRIMARY = {"lm": ("loss", "min"), "topic": ("accuracy", "max"), "binary": ("accuracy", "max"),
+           "tagging": ("accuracy", "max"), "score": ("mse", "min")}
+
+
+class TrainingError(RuntimeError):
+    """Training could not go on (a NaN loss); the message says where and what was kept."""
+
+
+@dataclass
+class Settings:
+    """The knobs of one training run (built from the config's pretrain/finetune sections)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    schedule: str = "warmup_cosine"  # used unless the plan names its own
+    warmup_steps: int = 0
+    plateau_patience: int = 2
+    plateau_factor: float = 0.5
+    layernorm_trainable: bool = False  # when a phase freezes the backbone
+    keep_fraction: float = 0.05  # sparse_mask
+    fisher_batches: int = 8  # sparse_mask
+    eval_batch_size: int = 256
+
+
+@dataclass
+class Data:
+    """What the loop trains on: three splits and the kind of task they hold."""
+
+    kind: str  # "lm" or a target kind from tasks.TARGET_KINDS
+    train: Split
+    val: Split
+    test: Split | None = None
+
+
+@dataclass
+class Result:
+    history: list = field(default_factory=list)  # one dict per evaluation
+    best: dict = field(default_factory=dict)  # validation metrics at the best evaluation
+    best_step: int = 0
+    steps_run: int = 0
+    trainable_params: int = 0  # in the last phase
+    trainable_by_phase: list = field(default_factory=list)
+    stopped: str = "finished"
+    seconds: float = 0.0
+    cache: "FeatureCache | None" = None  # the feature cache, when the plan used one
+
+
+def lm_split(tokens: np.ndarray) -> Split:
+    """Next-token prediction as a Split: x = tokens[:, :-1], y = tokens[:, 1:]."""
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    return Split(x=np.ascontiguousarray(x), y=np.ascontiguousarray(y), mask=np.ones(x.shape, dtype=bool))
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve = P(score of a random positive > a random negative).
+
+    Computed from ranks (Mann-Whitney U), ties counted as one half.
+    """
+    labels = labels.astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def metrics(kind: str, outputs: np.ndarray, split: Split) -> dict:
+    """Task metrics from model outputs on a whole split."""
+    y = split.y
+    if kind == "lm":
+        logp = log_softmax(outputs.astype(np.float64))
+        valid = split.mask
+        nll = -np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+        loss = float(nll[valid].mean())
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if kind == "score":
+        err = outputs.astype(np.float64) - y
+        return {"mse": float((err * err).mean()), "mae": float(np.abs(err).mean())}
+    pred = outputs.argmax(axis=-1)
+    if kind == "tagging":
+        valid = y != IGNORE_INDEX
+        return {"accuracy": float((pred[valid] == y[valid]).mean())}
+    out = {"accuracy": float((pred == y).mean())}
+    if kind == "binary":
+        p = np.exp(log_softmax(outputs.astype(np.float64)))
+        out["auc"] = auc(p[:, 1], y)
+    return out
+
+
+def is_better(kind: str, new: float, old: float | None) -> bool:
+    direction = PRIMARY[kind][1]
+    return old is None or (new < old if direction == "min" else new > old)
+
+
+# ---------------------------------------------------------------------- feature cache
+
+
+class FeatureCache:
+    """Backbone outputs computed once for a frozen, dropout-free backbone.
+
+    Training the head on cached features gives the same numbers as running the frozen
+    backbone every step (a frozen backbone runs in inference mode, so it is a fixed function).
+    """
+
+    def __init__(self, model, splits: dict[str, Split], batch_size: int = 256):
+        self.features = {}
+        for name, split in splits.items():
+            if split is None:
+                continue
+            parts = []
+            for start in range(0, len(split), batch_size):
+                part = split.batch(np.arange(start, min(start + batch_size, len(split))))
+                parts.append(model.backbone(part.x, part.mask, keep_cache=False))
+            self.features[name] = np.concatenate(parts)  # (N, T, C)
+
+    def get(self, name: str, index) -> np.ndarray:
+        return self.features[name][index]
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def predict(model, split: Split, batch_size: int = 256, cache: FeatureCache | None = None,
+            cache_name: str | None = None) -> np.ndarray:
+    """Model outputs for a whole split, in evaluation mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for start in range(0, len(split), batch_size):
+        index = np.arange(start, min(start + batch_size, len(split)))
+        part = split.batch(index)
+        if cache is not None:
+            out, _ = model.forward_head(cache.get(cache_name, index), idx=part.x, attention_mask=part.mask)
+        else:
+            out, _ = model(part.x, attention_mask=part.mask)
+        outs.append(out)
+    model.train(was_training)
+    return np.concatenate(outs)
+
+
+def evaluate(model, kind: str, split: Split, batch_size: int = 256, cache=None, cache_name=None) -> dict:
+    return metrics(kind, predict(model, split, batch_size, cache, cache_name), split)
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+class BatchOrder:
+    """Shuffled epochs over a split, from its own RNG so the order can be saved and resumed."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, min(batch_size, n)
+        self.rng = np.random.default_rng([seed, 2])
+        self.perm, self.pos = self.rng.permutation(n), 0
+
+    def next(self) -> np.ndarray:
+        if self.pos + self.batch_size > self.n:  # start a new epoch; drop the ragged end
+            self.perm, self.pos = self.rng.permutation(self.n), 0
+        index = self.perm[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return index
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "perm": self.perm.tolist(), "pos": self.pos}
+
+    def restore(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.perm, self.pos = np.array(state["perm"]), state["pos"]
+
+
+def make_optimizer(model, s: Settings):
+    if s.optimizer == "sgd":
+        return SGD(model.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    return AdamW(model.params, lr=s.lr, weight_decay=s.weight_decay)
+
+
+def make_plan_schedule(plan: S.Plan, s: Settings, kind: str):
+    """The plan's own schedule (e.g. slanted triangular), else the one the settings name."""
+    name = plan.schedule or s.schedule
+    kwargs = dict(plan.schedule_kwargs)
+    if name == "warmup_cosine":
+        kwargs.setdefault("warmup_steps", min(s.warmup_steps, s.steps // 2))
+    elif name == "plateau":
+        kwargs.update(patience=s.plateau_patience, factor=s.plateau_factor, mode=PRIMARY[kind][1])
+    return make_schedule(name, lr_max=s.lr, total_steps=s.steps, **kwargs)
+
+
+def train(model, data: Data, plan: S.Plan, s: Settings, seed: int = 0, progress=None,
+          checkpoint: str | None = None, resume: str | None = None, extra: dict | None = None) -> Result:
+    """Run `plan` for s.steps steps on data.train, evaluating on data.val.
+
+    Keeps the best parameters by the validation metric and restores them at the end.
+    progress: an object with update(step, loss, lr) (see runner.Progress) or None.
+    checkpoint: write a resumable checkpoint there at every evaluation (atomically).
+    resume: continue from such a checkpoint; the numbers equal a run that never stopped.
+    """
+    t0 = time.perf_counter()
+    kind = data.kind
+    metric, _ = PRIMARY[kind]
+    order = BatchOrder(len(data.train), s.batch_size, seed)
+    opt = make_optimizer(model, s)
+    schedule = make_plan_schedule(plan, s, kind)
+    result = Result()
+    best_params, bad_evals, start = None, 0, 0
+
+    def fisher_batches():  # for the sparse mask: its own batch order, not the training one
+        fisher_order = BatchOrder(len(data.train), s.batch_size, seed + 7919)
+        for _ in range(s.fisher_batches):
+            b = data.train.batch(fisher_order.next())
+            yield b.x, b.y, b.mask
+
+    def enter(phase):
+        opt.lr_scale = S.apply_phase(model, phase, s.layernorm_trainable, fisher_batches(), s.keep_fraction)
+        opt.masks = model.masks
+        result.trainable_params = count(model)[0]
+        result.trainable_by_phase.append(result.trainable_params)
+
+    if resume:  # parameters, masks, optimizer (lr_scale too), schedule, dropout RNG
+        saved = ckpt.resume(resume, model, opt, schedule)
+        state = saved.extra["train"]
+        order.restore(state["order"])
+        start, bad_evals = saved.step, state["bad_evals"]
+        result.history, result.best, result.best_step = state["history"], state["best"], state["best_step"]
+        result.trainable_by_phase = state["trainable_by_phase"]
+        result.trainable_params = count(model)[0]
+        best = {n[len("best/"):]: a for n, a in saved.extra_arrays.items() if n.startswith("best/")}
+        best_params = best or None
+    phase = plan.phase_at(start)
+    if not resume:
+        enter(phase)
+    cache = None
+    if plan.feature_cache and all(p.trainable == "head" for p in plan.phases):
+        cache = FeatureCache(model, {"train": data.train, "val": data.val, "test": data.test}, s.eval_batch_size)
+
+    model.train()
+    for step in range(start, s.steps):
+        if plan.phase_at(step) is not phase:
+            phase = plan.phase_at(step)
+            enter(phase)
+        opt.lr = schedule.lr_at(step)
+        index = order.next()
+        batch = data.train.batch(index)
+        if cache is not None:  # the frozen backbone's output was computed once
+            _, loss = model.forward_head(cache.get("train", index), batch.y, idx=batch.x, attention_mask=batch.mask)
+        else:
+            _, loss = model(batch.x, batch.y, attention_mask=batch.mask)
+        if not math.isfinite(loss):
+            kept = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint else ""
+            raise TrainingError(f"loss became {loss} at step {step} (lr {opt.lr:.3g}){kept}")
+        grads = model.backward()
+        if s.grad_clip:
+            clip_grad_norm(grads, s.grad_clip, masks=model.masks)
+        opt.step(grads)
+        result.steps_run = step + 1
+        if progress is not None:
+            progress.update(step + 1, loss, opt.lr)
+
+        if (step + 1) % s.eval_every and step + 1 != s.steps:
+            continue
+        val = evaluate(model, kind, data.val, s.eval_batch_size, cache, "val")
+        result.history.append({"step": step + 1, "train_loss": loss, "lr": opt.lr, **val})
+        if is_better(kind, val[metric], result.best.get(metric)):
+            result.best, result.best_step, bad_evals = val, step + 1, 0
+            best_params = {n: p.copy() for n, p in model.params.items()}
+        else:
+            bad_evals += 1
+        if hasattr(schedule, "step"):  # reduce-on-plateau watches the validation metric
+            schedule.step(val[metric])
+        if checkpoint:
+            ckpt.save_checkpoint(
+                checkpoint, model, opt, schedule, step=step + 1,
+                arrays={f"best/{n}": p for n, p in best_params.items()},
+                extra={**(extra or {}), "train": {
+                    "order": order.state(), "bad_evals": bad_evals, "history": result.history,
+                    "best": result.best, "best_step": result.best_step,
+                    "trainable_by_phase": result.trainable_by_phase}})
+        if s.patience and bad_evals >= s.patience:
+            result.stopped = f"early stop at step {step + 1}: no better {metric} in {s.patience} evaluations"
+            break
+
+    if best_params is not None:  # end on the best parameters by the validation metric
+        for name, value in best_params.items():
+            model.params[name][...] = value
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    result.cache = cache
+    return result
