@@ -172,9 +172,11 @@ def train_rows(model, name: str, rows) -> None:
 def fisher_mask(model, batches, keep_fraction: float, exclude_head: bool = True) -> dict:
     """FISH mask (Sung et al., arXiv 2111.09839): keep the top-k weights by empirical Fisher.
 
-    F_i = mean over batches of (dL/dtheta_i)^2 approximates the Fisher information of
-    weight i. The `keep_fraction` of backbone weights with the largest F_i train, the rest
-    are masked; the head (new, so it has no meaningful Fisher yet) stays fully trainable.
+    F_i = mean over examples of (dL_example/dtheta_i)^2 approximates the Fisher information
+    of weight i. Squares are taken per example, as the paper does: the square of a batch's
+    mean gradient would let examples that pull a weight in opposite directions cancel.
+    The `keep_fraction` of backbone weights with the largest F_i train, the rest are
+    masked; the head (new, so it has no meaningful Fisher yet) stays fully trainable.
     `batches` yields (idx, targets, attention_mask). Returns the masks it set.
     """
     if not 0.0 < keep_fraction <= 1.0:
@@ -185,13 +187,15 @@ def fisher_mask(model, batches, keep_fraction: float, exclude_head: bool = True)
     fisher = {name: np.zeros_like(p) for name, p in model.params.items()}
     n = 0
     for idx, targets, attention_mask in batches:
-        model(idx, targets, attention_mask=attention_mask)
-        for name, g in model.backward().items():
-            fisher[name] += g * g
-        n += 1
+        for i in range(len(idx)):  # one example at a time: per-example gradients
+            mask = None if attention_mask is None else attention_mask[i:i + 1]
+            model(idx[i:i + 1], targets[i:i + 1], attention_mask=mask)
+            for name, g in model.backward().items():
+                fisher[name] += g * g
+            n += 1
     model.train(was_training)
     if n == 0:
-        raise ValueError("fisher_mask needs at least one batch")
+        raise ValueError("fisher_mask needs at least one example")
     scored = [name for name in fisher if not (exclude_head and is_head(name))]
     scores = np.concatenate([fisher[name].ravel() for name in scored])
     k = max(1, int(round(keep_fraction * scores.size)))

@@ -56,7 +56,7 @@ STRATEGIES = {
     "head_finetune": ("everything trains, the backbone at a reduced rate", "common practice (HF, timm)"),
     "full_finetune": ("everything trains at one rate", "Howard & Ruder 2018 baseline; GPT-1 fine-tuning"),
     "gradual_unfreeze": ("unfreeze one layer group per phase from the top, discriminative rates",
-                         "ULMFiT, arXiv 1801.06146, sec. 3.2"),
+                         "ULMFiT, arXiv 1801.06146, sec. 3.3"),
     "discriminative_lr": ("rate / 2.6 per group going down, slanted triangular schedule",
                           "ULMFiT, arXiv 1801.06146, eq. 2-3"),
     "freeze_then_unfreeze": ("frozen backbone until an iteration, then unfrozen at a lower rate",
@@ -129,7 +129,8 @@ def apply_phase(model, phase: Phase, layernorm_trainable=False, fisher_batches=N
 
 def describe(plan: Plan, total_steps: int) -> str:
     """A small table of the plan's phases, for logs and docs."""
-    lines = [f"{plan.name}: {STRATEGIES[plan.name][0]}",
+    summary = STRATEGIES[plan.name][0] if plan.name in STRATEGIES else "a plan of your own"
+    lines = [f"{plan.name}: {summary}",
              f"  start from: {'pretrained backbone' if plan.pretrained else 'random init'}; "
              f"schedule: {plan.schedule or 'configured (finetune.schedule)'}" + ("; feature cache" if plan.feature_cache else "")]
     for i, phase in enumerate(plan.phases):

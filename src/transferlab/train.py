@@ -275,11 +275,16 @@ def train(model, data: Data, plan: S.Plan, s: Settings, seed: int = 0, progress=
         result.trainable_params = count(model)[0]
         best = {n[len("best/"):]: a for n, a in saved.extra_arrays.items() if n.startswith("best/")}
         best_params = best or None
-    phase = plan.phase_at(start)
+    # the phase the run was in at its last step (start - 1): a phase that begins at `start`
+    # is entered by the loop below, as it would have been had the run never stopped
+    phase = plan.phase_at(max(start - 1, 0))
     if not resume:
         enter(phase)
     cache = None
-    if plan.feature_cache and all(p.trainable == "head" for p in plan.phases):
+    # exact only when nothing below the head trains (a LayerNorm kept trainable by
+    # layernorm_trainable would get no gradient through cached features)
+    head_only = model.lowest_trainable_level() == model.config.n_layer + 2
+    if plan.feature_cache and all(p.trainable == "head" for p in plan.phases) and head_only:
         cache = FeatureCache(model, {"train": data.train, "val": data.val, "test": data.test}, s.eval_batch_size)
 
     model.train()
