@@ -181,7 +181,8 @@ def run_one(config, strategy: str, seed: int, pretrained_path, source_val, progr
     bar = Progress(f"{strategy} (seed {seed})", config.finetune.steps, progress)
     result = train(model, data, plan, settings_for(config, plan), seed=seed, progress=bar,
                    checkpoint=checkpoint, resume=resume,
-                   extra={"kind": "finetune", "strategy": strategy, "seed": seed, "task": kind})
+                   extra={"kind": "finetune", "strategy": strategy, "seed": seed, "task": kind,
+                          "relatedness": config.task.relatedness})
     test = evaluate(model, kind, data.test, cache=result.cache, cache_name="test")
     entry = {
         "strategy": strategy, "task": kind, "seed": seed,
@@ -244,6 +245,13 @@ def table(summary: list[dict], pretrained_loss: float | None) -> str:
     return "\n".join(lines)
 
 
+def _as_new_file(tmp) -> None:
+    """Give a mkstemp file (mode 0600) the permissions a plain open() would have given it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
 def write_json_atomic(path, obj) -> None:
     """Write to a temporary file beside `path`, then rename: never a half-written file."""
     path = Path(path)
@@ -254,6 +262,7 @@ def write_json_atomic(path, obj) -> None:
             json.dump(obj, f, indent=1, allow_nan=True)
             f.flush()
             os.fsync(f.fileno())
+        _as_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -305,6 +314,7 @@ def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        _as_new_file(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -335,6 +345,15 @@ def ensure_pretrained(config, pretrained: str | None, progress: bool):
     return path, {"path": str(path), "cached": False, **info}
 
 
+def run_checkpoint_path(config, strategy: str, seed: int, sweep: bool = False) -> Path:
+    """Where run() keeps the resumable checkpoint of one fine-tuning run while it trains:
+    <cache_dir>/runs/<strategy>-<task>-seed<k>.npz (with -rel<r> before -seed in a sweep)."""
+    rel = f"-rel{config.task.relatedness:g}" if sweep else ""
+    path = Path(config.runner.cache_dir) / "runs" / f"{strategy}-{config.task.target}{rel}-seed{seed}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
     """Run what the config asks for; write JSON and plot; print the table. Returns 0."""
     progress = config.runner.progress if progress is None else progress
@@ -351,7 +370,16 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
         cfg = replace_in(config, "task.relatedness", float(value))
         for seed in config.runner.seeds:
             for strategy in config.runner.strategies:
-                entries.append(run_one(cfg, strategy, seed, path, source_val, progress))
+                # resumable with --resume if the run is interrupted; removed once it finishes
+                ckpt_path = run_checkpoint_path(cfg, strategy, seed, sweep == "relatedness")
+                try:
+                    entries.append(run_one(cfg, strategy, seed, path, source_val, progress,
+                                           checkpoint=str(ckpt_path)))
+                except KeyboardInterrupt:
+                    if ckpt_path.exists():
+                        log.warning("interrupted: continue this run with --resume %s", ckpt_path)
+                    raise
+                ckpt_path.unlink(missing_ok=True)
     kind = config.task.target
     summary = summarize(entries, kind)
     out = {
@@ -377,6 +405,8 @@ def _resume(config, resume, pretrained, progress) -> int:
         raise ValueError(f"{resume}: not a fine-tuning run checkpoint (nothing to resume)")
     path, _ = ensure_pretrained(config, pretrained, progress)
     cfg = replace_in(config, "task.target", extra["task"])
+    if "relatedness" in extra:  # a run from a relatedness sweep resumes on its own task
+        cfg = replace_in(cfg, "task.relatedness", float(extra["relatedness"]))
     source_val = make_source(task_spec(cfg)).val
     entry = run_one(cfg, extra["strategy"], extra["seed"], path, source_val, progress,
                     resume=resume, checkpoint=resume)

@@ -1,0 +1,327 @@
+"""runner.py in-process: the summary over seeds, the table, the atomic results file, the
+pretraining cache key, the source-task loss of an adapted backbone, and the resumable
+checkpoint each fine-tuning run keeps while it trains.
+
+The end-to-end command line is tested in test_cli_end_to_end.py; these tests call the
+runner's functions directly on a tiny config, with one pretrained model for the module.
+"""
+import json
+import math
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+from transferlab import checkpoint as C
+from transferlab import runner as R
+from transferlab import train as T
+from transferlab.config import load_config, replace_in
+from transferlab.tasks import make_source
+from transferlab.train import evaluate, lm_split
+
+TINY = """\
+seed: 0
+model: {n_layer: 1, n_head: 2, n_embd: 16, block_size: 16}
+task: {n_tokens: 8, n_topics: 2, seq_len: 12, min_len: 6, n_source_train: 64,
+       n_source_val: 16, n_target_train: 16, n_target_val: 16, n_target_test: 32}
+pretrain: {steps: 10, eval_every: 5, batch_size: 8, warmup_steps: 2}
+finetune: {steps: 6, eval_every: 3, batch_size: 8, warmup_steps: 1}
+strategies:
+  sparse_mask: {fisher_batches: 1}
+  freeze_then_unfreeze: {unfreeze_at_iteration: 3}
+runner: {progress: false}
+"""
+
+
+def tiny(root, **changes):
+    """The tiny config with every output under `root`; `changes` are dotted overrides."""
+    path = root / "config.yaml"
+    path.write_text(TINY + textwrap.dedent(f"""\
+        logging: {{file: {json.dumps(str(root / 'logs' / 't.log'))}}}
+        """))
+    overrides = [("runner.cache_dir", str(root / "cache")), ("runner.output", str(root / "out.json")),
+                 ("runner.plot", str(root / "out.png"))]
+    return load_config(path, overrides=overrides + list(changes.items()), env=False)
+
+
+@pytest.fixture(scope="module")
+def pre(tmp_path_factory):
+    """One pretrained model for the module: (config, checkpoint path, source val split)."""
+    root = tmp_path_factory.mktemp("runner")
+    config = tiny(root)
+    path, info = R.ensure_pretrained(config, None, progress=False)
+    assert info["cached"] is False and path.is_file()
+    return config, path, make_source(R.task_spec(config)).val
+
+
+def fresh(pre, tmp_path, **changes):
+    """The module's config, writing into tmp_path but sharing the pretrained cache."""
+    config, path, _ = pre
+    cfg = tiny(tmp_path, **changes)
+    return replace_in(cfg, "runner.cache_dir", str(path.parent))
+
+
+# ---------------------------------------------------------------------- summary and table
+
+
+def entry(strategy, seed, value, loss, relatedness=1.0):
+    return {"strategy": strategy, "seed": seed, "relatedness": relatedness, "target": {"accuracy": value},
+            "source": {"lm_loss": loss}, "trainable_params": 10, "total_params": 100, "seconds": 1.0}
+
+
+def test_summary_is_mean_and_std_over_seeds_per_strategy_and_relatedness():
+    entries = [entry("scratch", 0, 0.5, 2.0), entry("bitfit", 0, 0.9, 1.0),
+               entry("scratch", 1, 0.7, 2.2), entry("bitfit", 1, 0.8, 1.5),
+               entry("scratch", 0, 0.1, 3.0, relatedness=0.0)]
+    rows = R.summarize(entries, "topic")
+    assert [(r["strategy"], r["relatedness"], r["n_seeds"]) for r in rows] == [
+        ("scratch", 1.0, 2), ("bitfit", 1.0, 2), ("scratch", 0.0, 1)]  # first-seen order
+    scratch, bitfit, unrelated = rows
+    assert scratch["metric"] == "accuracy"
+    assert scratch["mean"] == pytest.approx(np.mean([0.5, 0.7]))
+    assert scratch["std"] == pytest.approx(np.std([0.5, 0.7]))
+    assert bitfit["std"] == pytest.approx(np.std([0.9, 0.8]))
+    assert bitfit["source_lm_loss_mean"] == pytest.approx(1.25)
+    assert bitfit["source_lm_loss_std"] == pytest.approx(np.std([1.0, 1.5]))
+    assert unrelated["mean"] == pytest.approx(0.1) and unrelated["std"] == 0.0
+
+
+def test_summary_uses_the_primary_metric_of_the_task():
+    entries = [{**entry("scratch", s, 0.0, 1.0), "target": {"mse": m, "mae": 0.5}}
+               for s, m in ((0, 0.02), (1, 0.04))]
+    (row,) = R.summarize(entries, "score")
+    assert row["metric"] == "mse" and row["mean"] == pytest.approx(0.03)
+
+
+def test_table_has_a_row_per_strategy_and_the_pretrained_loss():
+    rows = R.summarize([entry("scratch", 0, 0.5, 2.0), entry("full_finetune", 0, 0.75, 2.5)], "topic")
+    text = R.table(rows, 2.125)
+    lines = text.splitlines()
+    assert "accuracy (test)" in lines[0]
+    assert [line.split()[0] for line in lines[2:4]] == ["scratch", "full_finetune"]
+    assert "0.7500" in lines[3] and "2.5000" in lines[3]
+    assert lines[-1].endswith("2.1250)")
+    assert "before any transfer" not in R.table(rows, None)
+
+
+# ---------------------------------------------------------------------- atomic results file
+
+
+def test_write_json_atomic_round_trips(tmp_path):
+    path = tmp_path / "deep" / "results.json"
+    R.write_json_atomic(path, {"results": [{"x": 1.5}]})
+    assert json.loads(path.read_text()) == {"results": [{"x": 1.5}]}
+    assert os.listdir(path.parent) == ["results.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not 0600
+
+
+def _dump_half_then_fail(obj, f, **kwargs):
+    f.write(json.dumps(obj, **kwargs)[:20])  # part of the new file is written ...
+    f.flush()
+    raise OSError("disk full")  # ... then the write fails
+
+
+def test_a_failing_write_leaves_the_earlier_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    R.write_json_atomic(path, {"results": ["earlier"]})
+    earlier = path.read_bytes()
+    monkeypatch.setattr(R.json, "dump", _dump_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        R.write_json_atomic(path, {"results": ["later"] * 100})
+    assert path.read_bytes() == earlier
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_run_whose_results_write_fails_keeps_the_earlier_results(pre, tmp_path, monkeypatch):
+    config = fresh(pre, tmp_path, **{"runner.strategies": ["feature_extractor"]})
+    assert R.run(config) == 0
+    out = tmp_path / "out.json"
+    earlier = out.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    for made in (out, tmp_path / "out.png"):  # as open() would make them, not mkstemp's 0600
+        assert made.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert json.loads(earlier)["results"][0]["strategy"] == "feature_extractor"
+    monkeypatch.setattr(R.json, "dump", _dump_half_then_fail)
+    with pytest.raises(OSError):
+        R.run(replace_in(config, "runner.seeds", [0, 1]))
+    assert out.read_bytes() == earlier
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------- pretraining cache
+
+
+@pytest.mark.parametrize("key, value", [
+    ("task.relatedness", 0.5), ("task.target", "score"), ("task.n_target_train", 7),
+    ("task.min_len", 7), ("finetune.lr", 0.5), ("runner.seeds", [3]), ("runner.output", "x.json"),
+])
+def test_target_side_knobs_share_the_pretrained_model(pre, key, value):
+    config = pre[0]
+    assert R.pretrain_key(replace_in(config, key, value)) == R.pretrain_key(config)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("seed", 1), ("pretrain.steps", 11), ("pretrain.lr", 0.01), ("model.n_embd", 8),
+    ("model.dropout", 0.0), ("task.n_tokens", 9), ("task.concentration", 0.5),
+    ("task.n_source_train", 65),
+])
+def test_pretraining_knobs_change_the_cache_key(pre, key, value):
+    config = pre[0]
+    assert R.pretrain_key(replace_in(config, key, value)) != R.pretrain_key(config)
+
+
+def test_the_cache_is_reused_and_a_given_checkpoint_is_checked(pre, tmp_path):
+    config, path, _ = pre
+    mtime = path.stat().st_mtime_ns
+    again, info = R.ensure_pretrained(config, None, progress=False)
+    assert again == path and info["cached"] is True and path.stat().st_mtime_ns == mtime
+    other = replace_in(config, "task.n_tokens", 9)  # vocab 10, the checkpoint has 9
+    with pytest.raises(ValueError, match=str(path)):
+        R.ensure_pretrained(other, str(path), progress=False)
+
+
+# ---------------------------------------------------------------------- source LM loss
+
+
+def test_source_loss_of_the_pretrained_model_is_its_own_lm_loss(pre):
+    _, path, source_val = pre
+    model = C.model_from_checkpoint(path)
+    own = evaluate(model, "lm", lm_split(source_val))["loss"]
+    assert R.source_lm_loss(model, path, source_val) == pytest.approx(own, rel=1e-6)
+
+
+def test_source_loss_sees_a_changed_backbone_but_keeps_the_pretrained_output_layer(pre):
+    config, path, source_val = pre
+    base = R.source_lm_loss(C.model_from_checkpoint(path), path, source_val)
+    changed = C.model_from_checkpoint(path)
+    changed.params["h.0.mlp.c_proj.weight"] *= 3.0
+    assert abs(R.source_lm_loss(changed, path, source_val) - base) > 1e-4
+    # a classifier model (new head, CLS row added) is measured with the pretrained wte
+    model = R.target_model(replace_in(config, "finetune.pooling", "cls"), "topic", 2,
+                           R.task_spec(config), path, seed=0)
+    assert model.params["wte.weight"].shape[0] == R.task_spec(config).vocab_size + 1
+    assert R.source_lm_loss(model, path, source_val) == pytest.approx(base, abs=1e-9)
+
+
+def test_feature_extractor_keeps_the_source_loss_and_full_finetune_moves_it(pre):
+    config, path, source_val = pre
+    pretrained = R.source_lm_loss(C.model_from_checkpoint(path), path, source_val)
+    frozen = R.run_one(config, "feature_extractor", 0, path, source_val, progress=False)
+    assert abs(frozen["source"]["lm_loss"] - pretrained) <= 1e-9
+    assert frozen["trainable_params"] == 2 * 16 + 2  # the 2-way linear head alone
+    full = R.run_one(config, "full_finetune", 0, path, source_val, progress=False)
+    assert full["trainable_params"] == full["total_params"]
+    assert abs(full["source"]["lm_loss"] - pretrained) > 1e-6
+
+
+# ---------------------------------------------------------------------- resumable runs
+
+
+def _interrupt_after_first_evaluation(monkeypatch):
+    save = C.save_checkpoint
+
+    def save_then_interrupt(path, *args, **kwargs):
+        digest = save(path, *args, **kwargs)
+        if (kwargs.get("extra") or {}).get("kind") == "finetune":
+            raise KeyboardInterrupt
+        return digest
+
+    monkeypatch.setattr(T.ckpt, "save_checkpoint", save_then_interrupt)
+
+
+def _same(a, b):
+    for key in ("target", "history", "source", "trainable_params", "relatedness", "seed", "task"):
+        assert a[key] == b[key], key
+
+
+def test_run_checkpoint_path_names_the_run(pre):
+    config = pre[0]
+    path = R.run_checkpoint_path(config, "bitfit", 2)
+    assert path.name == "bitfit-topic-seed2.npz" and path.parent.name == "runs"
+    swept = replace_in(config, "task.relatedness", 0.25)
+    assert R.run_checkpoint_path(swept, "bitfit", 2, sweep=True).name == "bitfit-topic-rel0.25-seed2.npz"
+
+
+@pytest.mark.parametrize("strategy", ["full_finetune", "sparse_mask", "gradual_unfreeze"])
+def test_an_interrupted_run_resumes_to_the_same_numbers(pre, tmp_path, monkeypatch, strategy):
+    config = fresh(pre, tmp_path, **{"runner.strategies": [strategy]})
+    assert R.run(config) == 0
+    (reference,) = json.loads((tmp_path / "out.json").read_text())["results"]
+    runs = pre[1].parent / "runs"
+    assert not list(runs.glob(f"{strategy}-*")), "a finished run removes its checkpoint"
+
+    with monkeypatch.context() as m:
+        _interrupt_after_first_evaluation(m)
+        with pytest.raises(KeyboardInterrupt):
+            R.run(replace_in(config, "runner.output", str(tmp_path / "never.json")))
+    saved = R.run_checkpoint_path(config, strategy, 0)
+    assert C.load_checkpoint(saved).step == 3
+    assert not (tmp_path / "never.json").exists()
+
+    assert R.run(replace_in(config, "runner.output", str(tmp_path / "resumed.json")), resume=str(saved)) == 0
+    (resumed,) = json.loads((tmp_path / "resumed.json").read_text())["results"]
+    _same(resumed, reference)
+    saved.unlink()
+
+
+def test_a_sweep_run_resumes_at_its_own_relatedness(pre, tmp_path, monkeypatch):
+    config = fresh(pre, tmp_path, **{"runner.strategies": ["bitfit"], "runner.sweep_values": [0.0]})
+    assert R.run(config, sweep="relatedness") == 0
+    (reference,) = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert reference["relatedness"] == 0.0
+    with monkeypatch.context() as m:
+        _interrupt_after_first_evaluation(m)
+        with pytest.raises(KeyboardInterrupt):
+            R.run(config, sweep="relatedness")
+    saved = R.run_checkpoint_path(replace_in(config, "task.relatedness", 0.0), "bitfit", 0, sweep=True)
+    # resumed under the default config (relatedness 1): the checkpoint says 0
+    assert R.run(replace_in(config, "runner.output", str(tmp_path / "resumed.json")), resume=str(saved)) == 0
+    (resumed,) = json.loads((tmp_path / "resumed.json").read_text())["results"]
+    _same(resumed, reference)
+    saved.unlink()
+
+
+def test_resume_on_a_phase_boundary(pre, tmp_path, monkeypatch):
+    # freeze_then_unfreeze unfreezes at step 3, exactly where the first checkpoint is written:
+    # the resumed run must enter the new phase (masks, rates) as the uninterrupted one did
+    config = fresh(pre, tmp_path, **{"runner.strategies": ["freeze_then_unfreeze"]})
+    R.run(config)
+    (reference,) = json.loads((tmp_path / "out.json").read_text())["results"]
+    with monkeypatch.context() as m:
+        _interrupt_after_first_evaluation(m)
+        with pytest.raises(KeyboardInterrupt):
+            R.run(config)
+    saved = R.run_checkpoint_path(config, "freeze_then_unfreeze", 0)
+    try:
+        R.run(replace_in(config, "runner.output", str(tmp_path / "resumed.json")), resume=str(saved))
+    finally:
+        saved.unlink()
+    (resumed,) = json.loads((tmp_path / "resumed.json").read_text())["results"]
+    _same(resumed, reference)
+    assert reference["history"][0]["step"] == 3 and len(reference["history"]) == 2
+
+
+def test_resume_refuses_a_pretrained_checkpoint(pre):
+    config, path, _ = pre
+    with pytest.raises(ValueError, match="not a fine-tuning run checkpoint"):
+        R.run(config, resume=str(path))
+
+
+# ---------------------------------------------------------------------- progress line
+
+
+def test_progress_line_only_when_enabled():
+    import io
+
+    quiet, loud = io.StringIO(), io.StringIO()
+    R.Progress("x", 4, enabled=False, stream=quiet).update(4, 1.0, 1e-3)
+    bar = R.Progress("full_finetune (seed 0)", 4, enabled=True, stream=loud)
+    bar.update(4, 0.5, 1e-3)
+    assert quiet.getvalue() == ""
+    text = loud.getvalue()
+    assert "full_finetune (seed 0)" in text and "4/4" in text and "0.5000" in text
+    assert text.endswith("\n") and math.isfinite(float(text.split("loss")[1].split()[0]))
