@@ -366,3 +366,18 @@ def test_matches_hugging_face_gpt2_logits_loss_and_every_gradient():
     assert abs(loss - hf_loss.item()) < 1e-12
     for name, param in hf.transformer.named_parameters():
         np.testing.assert_allclose(grads[name], param.grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_gpt2_small_state_dict_loads_with_no_missing_key():
+    """GPT-2 small's real shapes (124M parameters), as Hugging Face writes its state dict."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    hf_cfg = transformers.GPT2Config()  # GPT-2 small: V 50257, 1024 positions, 12 x 768
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        hf = transformers.GPT2LMHeadModel(hf_cfg)
+    state = {k: np.zeros(tuple(v.shape), dtype=np.float32) for k, v in hf.state_dict().items()}
+    model = GPT(GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), seed=0)
+    report = model.load_state_dict(state)
+    assert report.ok and not report.missing, str(report)
+    assert sum(p.size for p in model.params.values()) == 124_439_808
