@@ -400,7 +400,9 @@ class GPT:
     def backbone(self, idx, pad_mask=None, keep_cache=False):
         """The transformer up to and including ln_f: h (B, T, C).
 
-        With keep_cache=False nothing is stored for backward (feature extraction).
+        With keep_cache=False nothing is stored for backward (feature extraction); with
+        keep_cache=True only the blocks backward will reach (those at or above the lowest
+        trainable level) keep their caches.
         """
         cfg, p = self.config, self.params
         B, T = idx.shape
@@ -428,8 +430,10 @@ class GPT:
             fcproj, c_fcproj = linear_forward(fch_gelu, p[pre + "mlp.c_proj.weight"], p[pre + "mlp.c_proj.bias"])  # (B, T, C)
             fcproj, c_drop2 = dropout_forward(fcproj, pdrop, rng)
             x = x + fcproj  # (B, T, C) residual
-            if keep_cache:
+            if keep_cache and i + 1 >= lowest:
                 blocks.append((c_ln1, c_qkv, c_att, c_attproj, c_drop1, c_ln2, c_fc, c_gelu, c_fcproj, c_drop2))
+            else:  # backward stops above a frozen block: its activations can be freed now
+                blocks.append(None)
         h, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])  # (B, T, C)
         self._backbone_cache = (c_emb, c_embdrop, blocks, c_lnf, lowest) if keep_cache else None
         return h
