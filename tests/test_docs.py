@@ -129,7 +129,7 @@ DOUBLE_COLON = re.compile(rf"({PATH})::\s*({NAME})")
 NAME_IN_PATH = re.compile(rf"`({NAME})(?:\([^`]*\))?`\s+in\s+`({PATH})`")
 # `src/transferlab/model.py` (`GPT.backward`, `GPT.set_head`, ...)   (source files only: after a
 # test file the parentheses describe what it checks, in prose)
-PATH_THEN_NAMES = re.compile(rf"`(src/[\w/.-]*?\w\.py)`\s*\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
+PATH_THEN_NAMES = re.compile(r"`(src/[\w/.-]*?\w\.py)`\s*\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
 ANY_PATH = re.compile(rf"(?<![\w/.-])({PATH})(?![\w/])")
 
 

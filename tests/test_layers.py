@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from gradcheck import check_layer, numerical_gradient, tensor_rel_error
+from gradcheck import check_layer
 from transferlab.layers import (
     attention_backward,
     attention_forward,
