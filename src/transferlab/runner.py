@@ -132,7 +132,6 @@ def target_model(config, kind: str, n_classes: int, spec: TaskSpec, pretrained_p
     if cls_id is not None:
         model.resize_vocab(spec.vocab_size + 1)  # a new CLS row; the old rows are kept
     model.set_head(head, cls_id=cls_id, **changes)  # breaks the wte tie
-    model.rng = np.random.default_rng([seed, 1])
     return model
 
 
