@@ -316,6 +316,24 @@ def test_early_stopping_ends_on_the_best_parameters(patience):
     assert result.best["mse"] == pytest.approx(data.val.y.var(), rel=1e-9)
 
 
+def test_resuming_an_early_stopped_run_trains_no_further(tmp_path):
+    """The checkpoint of a run that stopped early resumes as stopped: same history, best params."""
+    data, model = target("score"), tiny("score")
+    offsets = {1: 2.0, 2: 0.0, 3: -1.0, 4: 3.0, 5: 1.0, 6: 1.0, 7: 1.0, 8: 1.0}
+    best, hook = set_constant_score(model, data, offsets)
+    path = str(tmp_path / "run.npz")
+    plan = build_plan("full_finetune", 8, L, KNOBS)
+    first = train(model, data, plan, settings(steps=8, lr=0.0, eval_every=1, patience=2),
+                  progress=Every(hook), checkpoint=path)
+    assert first.steps_run == 4
+    again = tiny("score")
+    second = train(again, data, plan, settings(steps=8, lr=0.0, eval_every=1, patience=2),
+                   resume=path, checkpoint=path)
+    assert second.steps_run == 4 and second.stopped == first.stopped
+    assert second.history == first.history
+    assert again.params["seq_head.bias"][0] == best  # ends on the best parameters too
+
+
 def test_plateau_schedule_cuts_the_rate_after_patience_bad_evaluations():
     data, model = target("score"), tiny("score")
     # MSE by step: best, worse, worse (2 > patience 1 bad evaluations: halve), best, worse,

@@ -304,6 +304,8 @@ def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool)
                 color=[colors[r["strategy"]] for r in rows], capsize=3)
         ax2.set_xticks(range(len(rows)), [r["strategy"] for r in rows], rotation=35, ha="right", fontsize=8)
         ax2.set_title(f"test {metric} (mean +- std over seeds)")
+        low = min(r["mean"] - r["std"] for r in rows)
+        ax2.set_ylim(bottom=max(0.0, low - 0.1 * abs(low)))  # start near the data: gaps stay visible
     ax2.set_ylabel(f"test {metric}")
     fig.tight_layout()
     path = Path(path)

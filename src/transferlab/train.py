@@ -275,6 +275,10 @@ def train(model, data: Data, plan: S.Plan, s: Settings, seed: int = 0, progress=
         result.trainable_params = count(model)[0]
         best = {n[len("best/"):]: a for n, a in saved.extra_arrays.items() if n.startswith("best/")}
         best_params = best or None
+        result.steps_run = start
+        if s.patience and bad_evals >= s.patience:  # the run had already stopped early
+            result.stopped = f"early stop at step {start}: no better {metric} in {s.patience} evaluations"
+            start = s.steps  # nothing left to train
     # the phase the run was in at its last step (start - 1): a phase that begins at `start`
     # is entered by the loop below, as it would have been had the run never stopped
     phase = plan.phase_at(max(start - 1, 0))
