@@ -46,6 +46,7 @@ import platform
 import secrets
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
@@ -54,7 +55,7 @@ import numpy as np
 
 from .model import GPT, GPTConfig, LoadReport
 
-__all__ = ["FORMAT", "VERSION", "CheckpointError", "Checkpoint", "save_checkpoint",
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "Checkpoint", "atomic_open", "save_checkpoint",
            "load_checkpoint", "model_from_checkpoint", "load_into", "resume", "file_sha256"]
 
 FORMAT = "transferlab-checkpoint"
@@ -233,29 +234,41 @@ def save_checkpoint(path, model: GPT, optimizer=None, schedule=None, step: int =
 
 
 def _write_atomic(path: str, entries: Mapping[str, np.ndarray]) -> str:
-    """np.savez into a temporary file next to `path`, fsync, then rename it onto `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"  # same directory: os.replace stays atomic
+    """np.savez through `atomic_open`; returns the SHA-256 of the written file."""
+    with atomic_open(path) as f:
+        np.savez(f, **entries)
+    return file_sha256(path)
+
+
+@contextmanager
+def atomic_open(path, mode: str = "wb"):
+    """Write `path` whole or not at all: every file transferlab writes goes through here.
+
+    Yields a file opened on a temporary name in the same directory (so the rename stays
+    atomic). When the block ends without error the bytes are flushed and fsync'ed and only
+    then renamed onto `path`; on any exception (KeyboardInterrupt too) the temporary file
+    is removed and an earlier file at `path` stays byte-identical.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(tmp, "xb") as f:
-            np.savez(f, **entries)
+        with open(tmp, mode.replace("w", "x")) as f:  # "x": never reuse an existing name
+            yield f
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        digest = file_sha256(tmp)
         os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave the temporary file behind
+    except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return digest
 
 
 # ---------------------------------------------------------------------- loading

@@ -13,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -243,29 +241,12 @@ def table(summary: list[dict], pretrained_loss: float | None) -> str:
     return "\n".join(lines)
 
 
-def _as_new_file(tmp) -> None:
-    """Give a mkstemp file (mode 0600) the permissions a plain open() would have given it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-
-
 def write_json_atomic(path, obj) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written file."""
+    """Write JSON through checkpoint.atomic_open: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _as_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with C.atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=True)
 
 
 def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool) -> None:
@@ -310,16 +291,11 @@ def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        _as_new_file(tmp)
-        os.replace(tmp, path)
+        with C.atomic_open(path) as f:
+            fig.savefig(f, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------- entry point
