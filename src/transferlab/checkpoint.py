@@ -365,7 +365,8 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path} is corrupt: malformed metadata ({e})") from None
 
 
-def _as_checkpoint(ckpt_or_path) -> Checkpoint:
+def as_checkpoint(ckpt_or_path) -> Checkpoint:
+    """A loaded Checkpoint as it is; a path is loaded (so callers may pass either)."""
     return ckpt_or_path if isinstance(ckpt_or_path, Checkpoint) else load_checkpoint(ckpt_or_path)
 
 
@@ -377,7 +378,7 @@ def model_from_checkpoint(ckpt_or_path, seed: int = 0) -> GPT:
 
     `seed` seeds the new model's dropout RNG; `resume` restores the saved one instead.
     """
-    ckpt = _as_checkpoint(ckpt_or_path)
+    ckpt = as_checkpoint(ckpt_or_path)
     try:
         config = GPTConfig(**ckpt.config)
     except (TypeError, ValueError) as e:
@@ -412,7 +413,7 @@ def resume(path, model: GPT, optimizer=None, schedule=None) -> Checkpoint:
     position, history) and continues from `ckpt.step`. On an error nothing in the model
     has changed yet.
     """
-    ckpt = _as_checkpoint(path)
+    ckpt = as_checkpoint(path)
     saved = {k: v for k, v in ckpt.config.items() if k != "extra"}
     ours = {k: v for k, v in model.config.to_dict().items() if k != "extra"}
     differ = [f"{k}={saved.get(k)!r} in the checkpoint, {ours.get(k)!r} in the model"
@@ -541,7 +542,7 @@ def load_into(model: GPT, ckpt_or_path, include=None, exclude=None, rename=None,
     and reasons: name -> why it was not loaded as is. Masks, optimizer, step and RNG are
     not touched: transfer starts a fresh run.
     """
-    ckpt = _as_checkpoint(ckpt_or_path)
+    ckpt = as_checkpoint(ckpt_or_path)
     include, exclude = _as_patterns(include), _as_patterns(exclude)
     modes, new_name = _resize_modes(resize), _renamer(rename)
 

@@ -112,20 +112,23 @@ def pretrain(config, spec: TaskSpec, path: Path, progress: bool) -> dict:
     return {"seconds": result.seconds, "history": result.history}
 
 
-def target_model(config, kind: str, n_classes: int, spec: TaskSpec, pretrained_path, seed: int):
-    """A model for the target task: the pretrained backbone with a new head, or a random one."""
+def target_model(config, kind: str, n_classes: int, spec: TaskSpec, pretrained, seed: int):
+    """A model for the target task: the pretrained backbone with a new head, or a random one.
+
+    `pretrained`: the pretrained Checkpoint (or its path); None for a random backbone.
+    """
     f = config.finetune
     head, output = HEAD_OF_TASK[kind]
     changes = dict(n_classes=n_classes, sequence_output=output, pooling=f.pooling,
                    causal=f.attention == "causal", label_smoothing=f.label_smoothing,
                    head_hidden=f.head_hidden, dropout=config.model.dropout)
     cls_id = spec.vocab_size if (head == "sequence" and f.pooling == "cls") else None
-    if pretrained_path is None:
+    if pretrained is None:
         base = backbone_config(config, spec)
         cfg = dataclasses.replace(base, vocab_size=base.vocab_size + (cls_id is not None),
                                   head=head, cls_id=cls_id, **changes)
         return GPT(cfg, seed=seed)
-    model = C.model_from_checkpoint(pretrained_path, seed=seed)
+    model = C.model_from_checkpoint(pretrained, seed=seed)
     model.masks.clear()
     if cls_id is not None:
         model.resize_vocab(spec.vocab_size + 1)  # a new CLS row; the old rows are kept
@@ -133,13 +136,14 @@ def target_model(config, kind: str, n_classes: int, spec: TaskSpec, pretrained_p
     return model
 
 
-def source_lm_loss(model, pretrained_path, source_val) -> float:
+def source_lm_loss(model, pretrained, source_val) -> float:
     """LM loss on the source task of the adapted backbone under the pretrained LM head.
 
     The adapted backbone (its wte included, as the input embedding) is kept; the output
     projection is the pretrained wte, so any change in the loss is the backbone's doing.
+    `pretrained` is the pretrained Checkpoint, or its path.
     """
-    ckpt = C.load_checkpoint(pretrained_path)
+    ckpt = C.as_checkpoint(pretrained)
     cfg = GPTConfig(**{**ckpt.config, "tie_weights": False})
     lm = GPT(cfg)
     V = cfg.vocab_size
@@ -162,14 +166,14 @@ def settings_for(config, plan) -> Settings:
                     fisher_batches=config.strategies.sparse_mask.fisher_batches)
 
 
-def run_one(config, strategy: str, seed: int, pretrained_path, source_val, progress: bool,
+def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: bool,
             resume: str | None = None, checkpoint: str | None = None) -> dict:
     """One strategy, one seed: a results entry as DESIGN.md describes it."""
     spec = task_spec(config)
     kind = config.task.target
     target = make_target(kind, spec, seed=seed)
     plan = S.build_plan(strategy, config.finetune.steps, config.model.n_layer, config.strategies)
-    model = target_model(config, kind, target.n_classes, spec, pretrained_path if plan.pretrained else None, seed)
+    model = target_model(config, kind, target.n_classes, spec, pretrained if plan.pretrained else None, seed)
     splits = [target.train, target.val, target.test]
     if model.config.cls_id is not None:
         splits = [append_cls(s, model.config.cls_id) for s in splits]
@@ -189,7 +193,7 @@ def run_one(config, strategy: str, seed: int, pretrained_path, source_val, progr
         "seconds": round(result.seconds, 3),
         "steps": result.steps_run, "best_step": result.best_step, "stopped": result.stopped,
         "target": test,
-        "source": {"lm_loss": source_lm_loss(model, pretrained_path, source_val)},
+        "source": {"lm_loss": source_lm_loss(model, pretrained, source_val)},
         "history": result.history,
     }
     log.info("%s seed %d: %s %.4f, source lm_loss %.4f, %d/%d trainable, %.1fs", strategy, seed,
@@ -337,9 +341,10 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
     if resume:
         return _resume(config, resume, pretrained, progress)
     path, pre_info = ensure_pretrained(config, pretrained, progress)
+    pretrained = C.load_checkpoint(path)  # read once; every run starts from this copy
     spec = task_spec(config)
     source_val = make_source(spec).val
-    pre_info["source_lm_loss"] = source_lm_loss(C.model_from_checkpoint(path), path, source_val)
+    pre_info["source_lm_loss"] = source_lm_loss(C.model_from_checkpoint(pretrained), pretrained, source_val)
     values = config.runner.sweep_values if sweep == "relatedness" else (config.task.relatedness,)
     entries = []
     for value in values:
@@ -349,7 +354,7 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
                 # resumable with --resume if the run is interrupted; removed once it finishes
                 ckpt_path = run_checkpoint_path(cfg, strategy, seed, sweep == "relatedness")
                 try:
-                    entries.append(run_one(cfg, strategy, seed, path, source_val, progress,
+                    entries.append(run_one(cfg, strategy, seed, pretrained, source_val, progress,
                                            checkpoint=str(ckpt_path)))
                 except KeyboardInterrupt:
                     if ckpt_path.exists():
