@@ -214,14 +214,16 @@ def fisher_mask(model, batches, keep_fraction: float, exclude_head: bool = True)
 # ------------------------------------------------------------------ reporting
 
 
+def trainable_entries(model, name: str) -> int:
+    """How many entries of one parameter may change under its mask."""
+    p, mask = model.params[name], model.masks.get(name)
+    return p.size if mask is None else int(np.broadcast_to(mask, p.shape).sum())
+
+
 def count(model) -> tuple[int, int]:
     """(trainable entries, all entries); a tied LM head counts wte once."""
-    trainable = total = 0
-    for name, p in model.params.items():
-        total += p.size
-        mask = model.masks.get(name)
-        trainable += p.size if mask is None else int(np.broadcast_to(mask, p.shape).sum())
-    return trainable, total
+    trainable = sum(trainable_entries(model, name) for name in model.params)
+    return trainable, sum(p.size for p in model.params.values())
 
 
 def report(model, per_group: bool = True) -> str:
@@ -232,9 +234,7 @@ def report(model, per_group: bool = True) -> str:
         L = model.config.n_layer
         rows = {g: [0, 0] for g in range(L + 2)}
         for name, p in model.params.items():
-            mask = model.masks.get(name)
-            got = p.size if mask is None else int(np.broadcast_to(mask, p.shape).sum())
-            rows[group_of(name, L)][0] += got
+            rows[group_of(name, L)][0] += trainable_entries(model, name)
             rows[group_of(name, L)][1] += p.size
         width = max(len(n) for n in group_names(L))
         lines.append(f"{'group':<{width}}  {'trainable':>10}  {'total':>10}")

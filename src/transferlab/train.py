@@ -145,6 +145,12 @@ def is_better(kind: str, new: float, old: float | None) -> bool:
 # ---------------------------------------------------------------------- feature cache
 
 
+def chunks(n: int, size: int):
+    """Row indices 0..n-1 in consecutive batches of `size` (the last one may be shorter)."""
+    for start in range(0, n, size):
+        yield np.arange(start, min(start + size, n))
+
+
 class FeatureCache:
     """Backbone outputs computed once for a frozen, dropout-free backbone.
 
@@ -158,8 +164,8 @@ class FeatureCache:
             if split is None:
                 continue
             parts = []
-            for start in range(0, len(split), batch_size):
-                part = split.batch(np.arange(start, min(start + batch_size, len(split))))
+            for index in chunks(len(split), batch_size):
+                part = split.batch(index)
                 parts.append(model.backbone(part.x, part.mask, keep_cache=False))
             self.features[name] = np.concatenate(parts)  # (N, T, C)
 
@@ -176,8 +182,7 @@ def predict(model, split: Split, batch_size: int = 256, cache: FeatureCache | No
     was_training = model.training
     model.eval()
     outs = []
-    for start in range(0, len(split), batch_size):
-        index = np.arange(start, min(start + batch_size, len(split)))
+    for index in chunks(len(split), batch_size):
         part = split.batch(index)
         if cache is not None:
             out, _ = model.forward_head(cache.get(cache_name, index), idx=part.x, attention_mask=part.mask)
