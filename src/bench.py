@@ -29,7 +29,6 @@ Method, results and the profile: docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import functools
 import json
@@ -44,11 +43,9 @@ import tracemalloc
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from transferlab import GPT, GPTConfig  # noqa: E402
+from transferlab import GPT, GPTConfig  # src/ is on sys.path: it is this script's own folder
 
 SIZES = {
     "tiny": dict(vocab_size=32, block_size=32, n_layer=2, n_head=4, n_embd=64, batch=32),
@@ -449,15 +446,9 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
 # --profile: where the time goes
 
 
-def profile_numpy(name, steps=5, spec=None) -> dict:
-    """ms per forward+backward spent in each layer function, by wrapping the functions the
-    model calls (transferlab.model's imports and the heads module) with timers."""
-    import transferlab.heads as heads_mod
-    import transferlab.model as model_mod
-
-    spec = spec or SIZES[name]
-    model, idx, targets = lm_batch(spec)
-    totals: dict[str, list] = {}
+def timed_table(table, totals: dict):
+    """A copy of a KernelTable whose every function adds its time and calls to `totals`."""
+    from transferlab.kernels import KernelTable
 
     def timed(fname, fn):
         @functools.wraps(fn)
@@ -470,29 +461,30 @@ def profile_numpy(name, steps=5, spec=None) -> dict:
             return result
         return wrapper
 
-    targets_to_wrap = [(model_mod, n) for n in dir(model_mod)
-                       if n.endswith(("_forward", "_backward")) or n == "cross_entropy"]
-    targets_to_wrap += [(heads_mod, n) for n in ("lm_head_forward", "lm_head_backward")]
-    originals = [(mod, n, getattr(mod, n)) for mod, n in targets_to_wrap]
-    for mod, n, fn in originals:
-        setattr(mod, n, timed(n, fn))
-    try:
-        for _ in range(WARMUP):
-            model(idx, targets)
-            model.backward()
-        totals.clear()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            model(idx, targets)
-            model.backward()
-        step_ms = (time.perf_counter() - t0) * 1e3 / steps
-    finally:
-        for mod, n, fn in originals:
-            setattr(mod, n, fn)
+    return KernelTable(f"timed {table.name}", **{n: timed(n, f) for n, f in table.functions().items()})
+
+
+def profile_numpy(name, steps=5, spec=None, kernels=None) -> dict:
+    """ms per forward+backward spent in each kernel, by running the model on a copy of its
+    kernel table whose functions carry timers (nothing is rebound: the model's table is
+    swapped for the timed one)."""
+    spec = spec or SIZES[name]
+    model, idx, targets = lm_batch(spec)
+    totals: dict[str, list] = {}
+    model.kernels = timed_table(kernels or model.kernels, totals)
+    for _ in range(WARMUP):
+        model(idx, targets)
+        model.backward()
+    totals.clear()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model(idx, targets)
+        model.backward()
+    step_ms = (time.perf_counter() - t0) * 1e3 / steps
     kernels = {n: {"ms": t * 1e3 / steps, "calls": c // steps}
                for n, (t, c) in sorted(totals.items(), key=lambda kv: -kv[1][0])}
     other = step_ms - sum(k["ms"] for k in kernels.values())
-    kernels["other (Python, residual adds, checks)"] = {"ms": other, "calls": 0}
+    kernels["other (head, loss, residual adds, Python)"] = {"ms": other, "calls": 0}
     return {"step_ms": step_ms, "kernels": kernels}
 
 
@@ -532,47 +524,36 @@ def layers_from_git(rev: str):
     return module
 
 
-@contextlib.contextmanager
-def using_layers(module):
-    """Run the model with `module`'s layer functions: transferlab.model calls the ones it
-    imported by name, so those names are pointed at `module`'s for the duration."""
-    import transferlab.model as model_mod
+def kernels_from_module(module, rev: str):
+    """A KernelTable of `module`'s layer functions (an older layers.py, whose fast forms
+    carried the plain names), falling back to the current fast form for any it lacks."""
+    from transferlab.kernels import FAST, KernelTable
 
-    names = [n for n in vars(model_mod)
-             if n.endswith(("_forward", "_backward")) and hasattr(module, n)]
-    saved = {n: getattr(model_mod, n) for n in names}
-    for n in names:
-        setattr(model_mod, n, getattr(module, n))
-    try:
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(model_mod, n, fn)
+    names = FAST.functions()
+    return KernelTable(f"layers.py@{rev}", **{n: getattr(module, n, fn) for n, fn in names.items()})
 
 
 def compare_layers(rev, sizes, repeat, rounds=3) -> dict:
     """Forward+backward with the layers of `rev` ("before") and of the working tree
     ("after"), interleaved; then ms per kernel inside the step, the fastest of `rounds`
-    alternating profile rounds."""
-    old = layers_from_git(rev)
+    alternating profile rounds. Each side runs through its own kernel table."""
+    before = kernels_from_module(layers_from_git(rev), rev)
     result = {}
     for name in sizes:
         model, idx, targets = lm_batch(SIZES[name])
+        after = model.kernels
 
-        def step():
+        def step(table):
+            model.kernels = table
             model(idx, targets)
             model.backward()
 
-        def old_step():
-            with using_layers(old):
-                step()
-
-        times = interleaved({"before": old_step, "after": step}, repeat)
+        times = interleaved({"before": lambda: step(before), "after": lambda: step(after)}, repeat)
+        model.kernels = after
         kernels = {"before": {}, "after": {}}
         for _ in range(rounds):
-            for tag in ("before", "after"):
-                with using_layers(old) if tag == "before" else contextlib.nullcontext():
-                    prof = profile_numpy(name)
+            for tag, table in (("before", before), ("after", after)):
+                prof = profile_numpy(name, kernels=table)
                 for k, v in prof["kernels"].items():
                     kernels[tag][k] = min(kernels[tag].get(k, float("inf")), v["ms"])
         result[name] = {"before_ms": median_ms(times["before"]), "after_ms": median_ms(times["after"]),

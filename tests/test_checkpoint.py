@@ -12,6 +12,7 @@ import transferlab
 from transferlab import GPT, GPTConfig
 from transferlab import checkpoint as ck
 from transferlab import masks as M
+from transferlab.heads import head_param_names
 from transferlab.checkpoint import CheckpointError
 from transferlab.optim import SGD, AdamW
 from transferlab.schedules import ReduceOnPlateau, WarmupCosine
@@ -408,7 +409,7 @@ def pretrained(tmp_path):
 def test_lm_checkpoint_into_a_sequence_model(pretrained):
     path, source = pretrained
     target = make("sequence", seed=1)
-    head_before = {n: target.params[n].copy() for n in target.head_param_names()}
+    head_before = {n: target.params[n].copy() for n in head_param_names(target)}
     rng_before = target.rng.bit_generator.state
     report = ck.load_into(target, path)
     assert report.missing == ["seq_head.weight", "seq_head.bias"]

@@ -6,6 +6,7 @@ import pytest
 
 from transferlab import GPT, GPTConfig
 from transferlab import masks as M
+from transferlab.heads import head_param_names
 from transferlab.optim import AdamW
 
 V, T, L, NH, C, K = 25, 32, 2, 4, 64, 4
@@ -32,7 +33,7 @@ def test_lm_to_sequence_classifier_breaks_the_tie_and_adds_ck_plus_k():
     wte_before = model.params["wte.weight"].copy()
     model.set_head("sequence", n_classes=K)
     assert "lm_head.weight" not in model.params
-    assert model.head_param_names() == ["seq_head.weight", "seq_head.bias"]
+    assert head_param_names(model) == ["seq_head.weight", "seq_head.bias"]
     assert model.params["seq_head.weight"].shape == (C, K)
     assert model.params["seq_head.bias"].shape == (K,)
     assert M.count(model)[1] - BACKBONE == C * K + K
@@ -64,7 +65,7 @@ def test_freeze_backbone_freezes_wte_only_after_the_tie_is_broken():
     model.set_head("sequence", n_classes=K)
     M.freeze_backbone(model)
     assert M.count(model)[0] == C * K + K  # wte frozen with the rest of the backbone
-    assert model.frozen("wte.weight")
+    assert M.is_frozen(model, "wte.weight")
 
 
 def test_classifier_gradient_reaches_wte_only_through_the_embedding():
@@ -91,7 +92,7 @@ def test_classifier_to_lm_restores_a_tied_head():
     model.set_head("sequence", n_classes=K)
     assert model(idx)[0].shape == (2, K)
     model.set_head("lm")
-    assert "lm_head.weight" not in model.params and not model.head_param_names()
+    assert "lm_head.weight" not in model.params and not head_param_names(model)
     assert not any(n.startswith("seq_head.") for n in model.params)
     logits, _ = model(idx)
     h = model.backbone(idx)  # (B, T, C)
@@ -120,7 +121,7 @@ def test_switch_drops_the_old_heads_masks():
 
 def test_token_head():
     model = lm().set_head("token", n_classes=3)
-    assert model.head_param_names() == ["token_head.weight", "token_head.bias"]
+    assert head_param_names(model) == ["token_head.weight", "token_head.bias"]
     assert M.count(model)[1] - BACKBONE == C * 3 + 3
     logits, loss = model(tokens(), tokens(2, high=3))
     assert logits.shape == (2, 12, 3) and np.isfinite(loss)

@@ -1,6 +1,8 @@
 """Trainable masks (src/transferlab/masks.py): counts checked against the GPT-2 parameter
 formula by hand, the backward pass skipping frozen work, frozen parts running without
 dropout, the optimizer leaving masked entries alone, and the FISH mask. See docs/masks.md."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -189,18 +191,19 @@ def test_frozen_get_zero_grads_and_trainable_get_the_unmasked_grads(mode):
         M.train_rows(model, "wte.weight", [int(idx[0, 0])])
     grads = grads_of(model, idx, targets)
     for name, g in grads.items():
-        if model.frozen(name):
+        if M.is_frozen(model, name):
             assert not g.any(), name
         else:
             np.testing.assert_allclose(g, reference[name], rtol=1e-12, atol=1e-15, err_msg=name)
     assert any(grads[n].any() for n in grads)
 
 
-def count_backward_calls(monkeypatch):
-    """Count layernorm backward calls and whole-block backward calls inside model.py."""
+def count_backward_calls(monkeypatch, model):
+    """Count layernorm backward calls (through the model's kernel table) and whole-block
+    backward calls (model.block_backward)."""
     calls = {"layernorm": 0, "block": 0}
-    layernorm_backward = model_module.layernorm_backward
-    block_backward = GPT._block_backward
+    layernorm_backward = model.kernels.layernorm_backward
+    block_backward = model_module.block_backward
 
     def counting_layernorm(*args, **kwargs):
         calls["layernorm"] += 1
@@ -210,8 +213,8 @@ def count_backward_calls(monkeypatch):
         calls["block"] += 1
         return block_backward(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "layernorm_backward", counting_layernorm)
-    monkeypatch.setattr(GPT, "_block_backward", staticmethod(counting_block))
+    model.kernels = dataclasses.replace(model.kernels, layernorm_backward=counting_layernorm)
+    monkeypatch.setattr(model_module, "block_backward", counting_block)
     return calls
 
 
@@ -229,7 +232,7 @@ def test_backward_stops_below_the_lowest_trainable_parameter(monkeypatch, mode, 
         M.freeze_backbone(model)
     elif mode == "freeze_backbone_ln":
         M.freeze_backbone(model, layernorm_trainable=True)
-    calls = count_backward_calls(monkeypatch)
+    calls = count_backward_calls(monkeypatch, model)
     grads_of(model, *batch())
     assert calls == {"layernorm": layernorms, "block": blocks}
 
@@ -245,17 +248,17 @@ def test_frozen_backbone_runs_without_dropout():
     assert np.array_equal(first, model.eval().backbone(idx))  # it is the inference output
 
 
-def test_frozen_lower_blocks_run_without_dropout_upper_ones_with_it(monkeypatch):
+def test_frozen_lower_blocks_run_without_dropout_upper_ones_with_it():
     model = small(dropout=0.5).train()
     M.freeze_to(model, 2)  # embeddings and h.0 frozen: their dropout is off, h.1's is on
     gets_rng = []
-    dropout_forward = model_module.dropout_forward
+    dropout_forward = model.kernels.dropout_forward
 
     def spy(x, p, rng):
         gets_rng.append(rng is not None)
         return dropout_forward(x, p, rng)
 
-    monkeypatch.setattr(model_module, "dropout_forward", spy)
+    model.kernels = dataclasses.replace(model.kernels, dropout_forward=spy)
     model.backbone(batch()[0])
     # the dropout sites in order: embedding, h.0 (attention, MLP), h.1 (attention, MLP)
     assert gets_rng == [False, False, False, True, True]

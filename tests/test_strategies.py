@@ -118,8 +118,8 @@ def test_gradual_unfreeze_opens_one_group_per_phase_from_the_top():
     assert sorted(sum(groups.values(), [])) == sorted(model.params)
     for k, phase in enumerate(plan.phases):
         apply_phase(model, phase)
-        open_groups = {g for g, names in groups.items() if not any(model.frozen(n) for n in names)}
-        shut_groups = {g for g, names in groups.items() if all(model.frozen(n) for n in names)}
+        open_groups = {g for g, names in groups.items() if not any(M.is_frozen(model, n) for n in names)}
+        shut_groups = {g for g, names in groups.items() if all(M.is_frozen(model, n) for n in names)}
         assert open_groups == set(range(3 - k, 4)), k  # the top k + 1 groups
         assert shut_groups == set(range(0, 3 - k)), k
     assert M.count(model) == (TOTAL, TOTAL)  # the last phase trains everything

@@ -7,7 +7,8 @@
 
 The map of the package is in docs/README.md.
 """
-from .model import GPT, GPTConfig, LoadReport
+from .model import GPT, GPTConfig
+from .weights import LoadReport
 
 __all__ = ["GPT", "GPTConfig", "LoadReport"]
 __version__ = "0.1.0"

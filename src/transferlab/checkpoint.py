@@ -53,7 +53,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .model import GPT, GPTConfig, LoadReport
+from .model import GPT, GPTConfig
+from .weights import LoadReport
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "Checkpoint", "atomic_open", "save_checkpoint",
            "load_checkpoint", "model_from_checkpoint", "load_into", "resume", "file_sha256"]

@@ -10,9 +10,13 @@
 The classifiers are a linear layer `{prefix}.weight (C, K)`, `{prefix}.bias (K,)`, or, with
 a hidden width H, an MLP: `{prefix}.fc.weight (C, H)` -> GELU -> `{prefix}.weight (H, K)`.
 Like the layers, every piece is a forward/backward pair. See docs/heads.md.
+
+Switching a model from one head to another (`set_head`) and growing its vocabulary for a
+CLS token (`resize_vocab`) live here too: docs/head_switching.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,6 +27,7 @@ HEADS = ("lm", "token", "sequence")
 POOLINGS = ("cls", "last", "mean", "attention")
 SEQUENCE_OUTPUTS = ("classify", "score")
 HEAD_PREFIX = {"token": "token_head", "sequence": "seq_head"}
+HEAD_PARAM_PREFIXES = ("lm_head.", "token_head.", "seq_head.")
 NEW_HEAD_STD = 0.002  # a new linear head starts small so it barely disturbs the backbone
 
 
@@ -149,3 +154,92 @@ def pool_backward(dpooled, cache):
     # q = sum_t m_t h_t / n
     dh += m[:, :, None] * (dmean / n)[:, None, :]
     return dh
+
+
+def pool_positions(pooling, idx, pad_mask, cls_id, B, T):
+    """The one position per row that cls / last pooling reads, (B,) int; None otherwise.
+
+    cls: the first CLS token of each row (every row must have one). last: the last real
+    token (the last position when there is no padding mask).
+    """
+    if pooling == "cls":
+        if idx is None:
+            raise ValueError("CLS pooling needs the token ids (pass idx=...)")
+        is_cls = idx == cls_id  # (B, T)
+        missing = ~is_cls.any(axis=1)
+        if missing.any():
+            raise ValueError(f"CLS pooling: row {int(np.argmax(missing))} has no CLS token (id {cls_id})")
+        return is_cls.argmax(axis=1)  # the first CLS of each row
+    if pooling == "last":
+        if pad_mask is None:
+            return np.full(B, T - 1)
+        return T - 1 - pad_mask[:, ::-1].argmax(axis=1)  # last real token
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# head switching: one backbone, another head
+
+
+def head_param_names(model) -> list[str]:
+    """Names of the model's head parameters (empty for a tied LM head)."""
+    return [n for n in model.params if n.startswith(HEAD_PARAM_PREFIXES)]
+
+
+def init_head(model) -> dict:
+    """Fresh parameters for the head model.config names (none for a tied LM head)."""
+    cfg = model.config
+    if cfg.head == "lm":
+        return {} if cfg.tie_weights else {"lm_head.weight": model.params["wte.weight"].copy()}
+    return init_classifier(HEAD_PREFIX[cfg.head], cfg.n_embd, cfg.n_outputs, cfg.head_hidden,
+                           model.init_rng, model.dtype)
+
+
+def set_head(model, head: str, **changes):
+    """Switch to another head on the same backbone, e.g. LM -> sequence classifier.
+
+    LM -> classifier breaks the wte tie first: the classifier never touches wte, so
+    freezing the backbone then really freezes the embedding. A new classifier starts
+    small (std 0.002; Xavier for an MLP head). Classifier -> LM restores the tied head
+    (unless tie_weights=False is passed, which copies wte into its own lm_head.weight).
+    `changes` are other GPTConfig fields (n_classes, pooling, ...). Returns the model.
+    See docs/head_switching.md.
+    """
+    old_head_names = head_param_names(model)
+    model.config = dataclasses.replace(model.config, head=head, **changes)
+    for name in old_head_names:
+        del model.params[name]
+        model.masks.pop(name, None)
+    model.params.update(init_head(model))
+    model.clear_caches()
+    return model
+
+
+def resize_vocab(model, new_vocab_size: int, std: float | None = None):
+    """Grow (or shrink) the vocabulary: old wte rows are kept, new rows drawn N(0, std).
+
+    Used to add a CLS token for CLS pooling. A tied LM head follows automatically; an
+    untied lm_head.weight is resized the same way. Any mask on wte is resized too (new
+    rows trainable, old rows as they were). Returns the model.
+    """
+    old = model.config.vocab_size
+    std = model.config.init_std if std is None else std
+    # validate first (e.g. a pad_id or cls_id beyond the new size), before changing params
+    new_config = dataclasses.replace(model.config, vocab_size=new_vocab_size)
+    for name in ("wte.weight", "lm_head.weight"):
+        if name not in model.params:
+            continue
+        w = model.params[name]
+        keep = min(old, new_vocab_size)
+        new = np.empty((new_vocab_size, w.shape[1]), dtype=model.dtype)  # (V', C)
+        new[:keep] = w[:keep]
+        new[keep:] = (model.init_rng.standard_normal((max(new_vocab_size - old, 0), w.shape[1]))
+                      * std).astype(model.dtype)
+        model.params[name] = new
+        if name in model.masks:
+            mask = np.broadcast_to(model.masks[name], w.shape)
+            grown = np.ones((new_vocab_size, w.shape[1]), dtype=mask.dtype)
+            grown[:keep] = mask[:keep]
+            model.masks[name] = grown
+    model.config = new_config
+    return model

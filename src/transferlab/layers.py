@@ -9,6 +9,10 @@ No layer keeps state and no optimizer lives here: a layer only maps inputs to ou
 upstream gradients to input gradients. Each backward sits directly under its forward and
 its comments quote the forward line they invert (llm.c style).
 
+These are the plain forms, the equations of the docs pages as a student reads them. Where
+a plain form is slow, kernels.py holds a fast form that computes the same numbers (the
+model runs those by default, through kernels.KernelTable); tests hold each pair equal.
+
 Sizes: B batch, T time, C channels, NH heads, HS head size (C = NH * HS), V vocabulary.
 dtype discipline: every constant is a Python float, so a float32 pass stays float32
 (under NumPy 2 a NumPy float64 scalar would silently promote the whole array).
@@ -24,15 +28,6 @@ import numpy as np
 
 LAYERNORM_EPS = 1e-5
 GELU_COEF = math.sqrt(2.0 / math.pi)  # Python float: keeps float32 arrays float32
-
-
-def _sum_lastdim(x):
-    """x.sum(axis=-1, keepdims=True): the same sums, ~3x faster on rows of 32-256 numbers.
-
-    np.sum pays a fixed cost per row that dominates on rows this short; np.einsum's
-    summing loop does not (NumPy 2.x; measured in docs/performance.md).
-    """
-    return np.einsum("...i->...", x)[..., None]  # (..., 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -105,17 +100,14 @@ def layernorm_forward(x, w, b, eps=LAYERNORM_EPS):
     """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis (C).
 
     x (..., C), w (C,), b (C,) -> out (..., C). The variance is the biased one (divide by C),
-    as in PyTorch and GPT-2.
+    as in PyTorch and GPT-2. Fast form: kernels.layernorm_forward_fast.
     """
-    C = x.shape[-1]
-    mean = _sum_lastdim(x) / C  # (..., 1)
+    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xc = x - mean  # (..., C)
-    # np.vecdot sums xc * xc row by row without making that (..., C) product first
-    var = np.vecdot(xc, xc)[..., None] / C  # (..., 1)
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)
     rstd = 1.0 / np.sqrt(var + eps)  # (..., 1)
-    xhat = np.multiply(xc, rstd, out=xc)  # (..., C), in xc's buffer
-    out = xhat * w  # (..., C)
-    out += b
+    xhat = xc * rstd  # (..., C)
+    out = xhat * w + b  # (..., C)
     return out, (xhat, rstd, w)
 
 
@@ -127,16 +119,14 @@ def layernorm_backward(dout, cache):
     """
     xhat, rstd, w = cache
     C = xhat.shape[-1]
-    dout2, xhat2 = dout.reshape(-1, C), xhat.reshape(-1, C)  # (N, C) views, N = all leading dims
-    dw = np.einsum("nc,nc->c", dout2, xhat2)  # (C,) sum_n dout * xhat, no (N, C) temporary
-    db = dout2.sum(axis=0)  # (C,)
+    dw = (dout * xhat).reshape(-1, C).sum(axis=0)  # (C,)
+    db = dout.reshape(-1, C).sum(axis=0)  # (C,)
     # in the forward pass this was: out = xhat * w + b, so:
     dxhat = dout * w  # (..., C)
     # xhat = (x - mean) * rstd; mean and rstd both depend on x, which gives the two
-    # correction terms (the gradient flowing through the statistics).
-    dx = dxhat - _sum_lastdim(dxhat) / C  # (..., C)  dxhat - mean(dxhat)
-    dx -= xhat * (np.vecdot(dxhat, xhat)[..., None] / C)  # mean(dxhat * xhat), no temporary
-    dx *= rstd
+    # correction terms (the gradient flowing through the statistics)
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))  # (..., C)
     return dx, dw, db
 
 
@@ -147,40 +137,24 @@ def layernorm_backward(dout, cache):
 def gelu_forward(x):
     """out = 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))).
 
-    Evaluated in place in two buffers: written as one expression, the formula makes six
-    temporaries of x's size, and at (B, T, 4C) this layer is bound by memory traffic, not
-    arithmetic (docs/performance.md). tests/test_bench.py checks it against the one-liner.
+    Returns out and the cache (x, th) with th the tanh, which backward reuses.
+    Fast form: kernels.gelu_forward_fast.
     """
-    th = x * x  # (..., D)  x^2
-    th *= 0.044715
-    th += 1.0
-    th *= x  # x + 0.044715 x^3, as x (1 + 0.044715 x^2)
-    th *= GELU_COEF  # the tanh's argument
-    np.tanh(th, out=th)  # (..., D)  th = tanh(sqrt(2/pi) (x + 0.044715 x^3))
-    out = th + 1.0  # (..., D)
-    out *= x
-    out *= 0.5
+    th = np.tanh(GELU_COEF * (x + 0.044715 * x * x * x))  # (..., D)
+    out = 0.5 * x * (1.0 + th)  # (..., D)
     return out, (x, th)
 
 
 def gelu_backward(dout, cache):
     """dx = dout * [0.5 (1 + th) + 0.5 x (1 - th^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)].
 
-    Returns (dx,). Evaluated in place like the forward. See docs/gelu.md#backward.
+    Returns (dx,). See docs/gelu.md#backward.
     """
     x, th = cache
-    dx = x * x  # (..., D)  x^2
-    dx *= 3.0 * 0.044715
-    dx += 1.0
-    dx *= GELU_COEF  # d(inner)/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    dx *= x
-    sech2 = th * th  # (..., D)
-    np.subtract(1.0, sech2, out=sech2)  # d tanh(u)/du = 1 - tanh(u)^2
-    dx *= sech2  # x (1 - th^2) d(inner)/dx
-    dx += th
-    dx += 1.0
-    dx *= 0.5  # 0.5 (1 + th) + 0.5 x (1 - th^2) d(inner)/dx  = d out / dx
-    dx *= dout
+    # in the forward pass this was: out = 0.5 x (1 + th), th = tanh(inner(x)), so the
+    # product rule gives one term through x and one through th
+    dinner = GELU_COEF * (1.0 + 3.0 * 0.044715 * x * x)  # (..., D) d inner / dx
+    dx = dout * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dinner)  # (..., D)
     return (dx,)
 
 
@@ -236,8 +210,7 @@ def attention_forward(qkv, n_head, allowed=None, attn_pdrop=0.0, rng=None):
         att = softmax(q k^T / sqrt(HS) + mask)      y = att v
 
     A query row with no allowed key at all (a fully padded sequence) gets att = 0 and so
-    y = 0, not NaN. See docs/attention.md; why each step is written the way it is:
-    docs/performance.md#attention.
+    y = 0, not NaN. See docs/attention.md. Fast form: kernels.attention_forward_fast.
     """
     B, T, C3 = qkv.shape
     C = C3 // 3
@@ -245,40 +218,23 @@ def attention_forward(qkv, n_head, allowed=None, attn_pdrop=0.0, rng=None):
     # (B, T, 3, NH, HS) -> (3, B, NH, T, HS): one transpose splits q, k, v and the heads
     q, k, v = qkv.reshape(B, T, 3, n_head, HS).transpose(2, 0, 3, 1, 4)  # each (B, NH, T, HS)
     scale = 1.0 / math.sqrt(HS)
-    # scale q (T*HS numbers) rather than preatt (T*T); backward reuses this scaled copy
-    qs = q * scale  # (B, NH, T, HS)
-    preatt = qs @ k.transpose(0, 1, 3, 2)  # (B, NH, T, T)
+    preatt = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, NH, T, T)
     if allowed is not None:
-        # an additive mask, 0 where allowed and -inf where not: exp(-inf) = 0, so those
-        # keys get exactly zero weight. One broadcast add in place; np.where(allowed,
-        # preatt, -inf) would allocate a new (B, NH, T, T) array and is ~16x slower.
-        preatt += np.where(allowed, 0.0, -np.inf).astype(preatt.dtype)  # (B or 1, 1, T, T)
-    att = _softmax_lastdim_inplace(preatt)  # (B, NH, T, T), preatt's buffer
+        preatt = np.where(allowed, preatt, -np.inf)  # exp(-inf) = 0: a masked key gets no weight
+    att = softmax(preatt)  # (B, NH, T, T)
     att_used, drop_cache = dropout_forward(att, attn_pdrop, rng)  # (B, NH, T, T)
-    # y = att_used @ v, written straight into the (B, T, NH, HS) layout of the output, so
-    # re-assembling the heads needs no transpose copy afterwards
-    y = np.empty((B, T, C), dtype=qkv.dtype)  # (B, T, C)
-    np.matmul(att_used, v, out=y.reshape(B, T, n_head, HS).transpose(0, 2, 1, 3))  # (B, NH, T, HS) view
-    cache = (qs, k, v, att, att_used, drop_cache, scale)
-    return y, cache
+    y = att_used @ v  # (B, NH, T, HS)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C) the heads side by side again
+    return y, (q, k, v, att, att_used, drop_cache, scale)
 
 
-def _softmax_lastdim_inplace(x):
-    """Row-wise softmax over the last axis, computed in x's own buffer (returns x).
-
-    Rows of all -inf (fully masked) come out as all zeros. In place because x is a
-    (B, NH, T, T) array: each extra temporary of that size costs as much as the exp.
-    """
-    # np.fmax (the max that skips NaN) has a vectorised reduction along the last axis
-    # that np.max lacks in NumPy 2.x: the same row maxima, ~3x faster at T = 128
-    xmax = np.fmax.reduce(x, axis=-1, keepdims=True)  # (..., 1)
-    xmax[~np.isfinite(xmax)] = 0.0  # a fully masked row: exp(-inf - 0) = 0, no NaN
-    x -= xmax  # the max subtracted: exp never overflows
-    np.exp(x, out=x)
-    denom = _sum_lastdim(x)  # (..., 1)
-    denom[denom == 0.0] = 1.0  # 0 / 1 = 0 for the fully masked rows
-    x /= denom
-    return x
+def softmax(x):
+    """Row-wise softmax over the last axis; a row of all -inf (fully masked) gives zeros."""
+    xmax = x.max(axis=-1, keepdims=True)  # (..., 1)
+    xmax = np.where(np.isfinite(xmax), xmax, 0.0)  # a fully masked row: exp(-inf - 0) = 0
+    e = np.exp(x - xmax)  # the max subtracted: exp never overflows
+    denom = e.sum(axis=-1, keepdims=True)  # (..., 1)
+    return e / np.where(denom == 0.0, 1.0, denom)  # 0 / 1 = 0 for the fully masked rows
 
 
 def attention_backward(dy, cache):
@@ -288,24 +244,19 @@ def attention_backward(dy, cache):
     never the (T x T) Jacobian per row. Masked entries have att = 0, so their gradient is 0.
     Derivation: docs/attention.md.
     """
-    qs, k, v, att, att_used, drop_cache, scale = cache
-    B, NH, T, HS = qs.shape
+    q, k, v, att, att_used, drop_cache, scale = cache
+    B, NH, T, HS = q.shape
     C = NH * HS
-    dy = dy.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)  # (B, NH, T, HS) view
-    # dq, dk, dv are views into one (B, T, 3, NH, HS) buffer, the layout of qkv: the
-    # matmuls below write straight into it (the inverse of the forward's split, no copy)
-    dqkv = np.empty((B, T, 3, NH, HS), dtype=dy.dtype)
-    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # each (B, NH, T, HS)
+    dy = dy.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)  # (B, NH, T, HS)
     # in the forward pass this was: y = att_used @ v, so:
     datt = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T, T)
-    np.matmul(att_used.transpose(0, 1, 3, 2), dy, out=dv)  # dv = att_used^T @ dy
+    dv = att_used.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, HS)
     (datt,) = dropout_backward(datt, drop_cache)
-    # softmax backward identity, in datt's buffer; np.vecdot forms the row sums without a
-    # (B, NH, T, T) temporary for the product datt * att
-    datt -= np.vecdot(datt, att)[..., None]  # datt - sum_j datt_j att_j
-    dpreatt = np.multiply(datt, att, out=datt)  # (B, NH, T, T)
-    # preatt = qs @ k^T with qs = q * scale
-    np.matmul(dpreatt, k, out=dq)
-    dq *= scale  # dq = (dpreatt @ k) * scale
-    np.matmul(dpreatt.transpose(0, 1, 3, 2), qs, out=dk)  # dk = dpreatt^T @ qs
+    # att = softmax(preatt): the softmax backward identity
+    dpreatt = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, NH, T, T)
+    # preatt = (q @ k^T) * scale
+    dq = (dpreatt @ k) * scale  # (B, NH, T, HS)
+    dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale  # (B, NH, T, HS)
+    # the inverse of the forward's split: (3, B, NH, T, HS) -> (B, T, 3, NH, HS)
+    dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4)  # (B, T, 3, NH, HS)
     return (dqkv.reshape(B, T, 3 * C),)

@@ -10,8 +10,10 @@ gets no gradient computed, and backward stops below the lowest trainable paramet
 Freezing, unfreezing, bias-only training (BitFit), training only new embedding rows and
 sparse fine-tuning (a Fisher top-k mask, FISH) are all just masks. See docs/masks.md.
 
-Parameters are grouped by depth for layer-wise operations (fastai's layer groups):
-group 0 the embeddings, groups 1..L the transformer blocks, group L+1 ln_f and the head.
+Depth, one numbering for everything (docs/masks.md#depth): 0 the embeddings, 1..L the
+transformer blocks, L + 1 ln_f, L + 2 the head. Backward stops at the lowest trainable
+depth. Layer-wise rates and unfreezing use fastai's layer groups, which are the same
+numbers with ln_f and the head in one group: group = min(depth, L + 1).
 """
 from __future__ import annotations
 
@@ -39,14 +41,36 @@ def is_head(name: str) -> bool:
     return name.startswith(("lm_head.", "token_head.", "seq_head."))
 
 
-def group_of(name: str, n_layer: int) -> int:
-    """The layer group of a parameter: 0 embeddings, i + 1 block i, L + 1 ln_f and head."""
+def depth_of(name: str, n_layer: int) -> int:
+    """How deep a parameter sits: 0 embeddings, i + 1 block i, L + 1 ln_f, L + 2 the head."""
     if name.startswith(("wte.", "wpe.")):
         return 0
     match = re.match(r"h\.(\d+)\.", name)
     if match:
         return int(match.group(1)) + 1
-    return n_layer + 1
+    return n_layer + 2 if is_head(name) else n_layer + 1
+
+
+def group_of(name: str, n_layer: int) -> int:
+    """The layer group of a parameter: its depth, with ln_f and the head in one group L + 1."""
+    return min(depth_of(name, n_layer), n_layer + 1)
+
+
+def is_frozen(model, name: str) -> bool:
+    """True when every entry of the parameter is masked out (no gradient needed)."""
+    mask = model.masks.get(name)
+    return mask is not None and not np.any(mask)
+
+
+def lowest_trainable_depth(model) -> int:
+    """The depth the backward pass must reach; L + 3 when nothing trains at all.
+
+    A tied LM head is wte itself, so it counts at depth 0 (the embedding) as well as at
+    the top: a trainable tied head means backward reaches the embedding.
+    """
+    L = model.config.n_layer
+    depths = [depth_of(name, L) for name in model.params if not is_frozen(model, name)]
+    return min(depths, default=L + 3)
 
 
 def group_names(n_layer: int) -> list[str]:

@@ -24,7 +24,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import strategies as S
 from .losses import IGNORE_INDEX, log_softmax
-from .masks import count
+from .masks import count, lowest_trainable_depth
 from .optim import SGD, AdamW, clip_grad_norm
 from .schedules import make_schedule
 from .tasks import Split
@@ -292,7 +292,7 @@ def train(model, data: Data, plan: S.Plan, s: Settings, seed: int = 0, progress=
     cache = None
     # exact only when nothing below the head trains (a LayerNorm kept trainable by
     # layernorm_trainable would get no gradient through cached features)
-    head_only = model.lowest_trainable_level() == model.config.n_layer + 2
+    head_only = lowest_trainable_depth(model) == model.config.n_layer + 2
     if plan.feature_cache and all(p.trainable == "head" for p in plan.phases) and head_only:
         cache = FeatureCache(model, {"train": data.train, "val": data.val, "test": data.test}, s.eval_batch_size)
 

@@ -1,0 +1,129 @@
+"""Every fast kernel (kernels.py) equals the plain form of layers.py it names, forward and
+backward, in float64 (to 1e-12) and float32 (to its rounding); the model gives the same
+numbers with either kernel table."""
+import numpy as np
+import pytest
+
+from transferlab import GPT, GPTConfig
+from transferlab import layers as L
+from transferlab.kernels import FAST, KERNELS, PLAIN, KernelTable, kernel_table, softmax_lastdim_inplace
+
+TOL = {np.float64: 1e-12, np.float32: 2e-5}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gelu_fast_equals_plain(dtype):
+    r = np.random.default_rng(0)
+    x = (3 * r.standard_normal((3, 5, 16))).astype(dtype)
+    dout = r.standard_normal(x.shape).astype(dtype)
+    out, cache = FAST.gelu_forward(x)
+    ref, ref_cache = PLAIN.gelu_forward(x)
+    np.testing.assert_allclose(out, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    (dx,) = FAST.gelu_backward(dout, cache)
+    (dx_ref,) = PLAIN.gelu_backward(dout, ref_cache)
+    np.testing.assert_allclose(dx, dx_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    assert out.dtype == dx.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_layernorm_fast_equals_plain(dtype):
+    r = np.random.default_rng(1)
+    x, dout = r.standard_normal((2, 2, 3, 8)).astype(dtype)
+    w, b = r.standard_normal((2, 8)).astype(dtype)
+    out, cache = FAST.layernorm_forward(x, w, b)
+    ref, ref_cache = PLAIN.layernorm_forward(x, w, b)
+    np.testing.assert_allclose(out, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    for got, want in zip(FAST.layernorm_backward(dout, cache), PLAIN.layernorm_backward(dout, ref_cache)):
+        np.testing.assert_allclose(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+        assert got.dtype == dtype
+
+
+def test_softmax_in_place_equals_the_plain_softmax():
+    x = np.random.default_rng(2).standard_normal((2, 3, 4, 5))
+    x[0, 0, 1, 2:] = -np.inf  # a partly masked row
+    x[1, 2, 3, :] = -np.inf  # a fully masked row comes out as zeros
+    want = L.softmax(x)
+    got = softmax_lastdim_inplace(x.copy())
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-300)
+    assert not got[1, 2, 3].any() and np.allclose(got[0, 0, 0].sum(), 1.0)
+
+
+@pytest.mark.parametrize("causal, padded", [(True, False), (False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_attention_fast_equals_plain(causal, padded, dtype):
+    r = np.random.default_rng(3)
+    B, T, C, NH = 3, 6, 8, 2
+    qkv = r.standard_normal((B, T, 3 * C)).astype(dtype)
+    dy = r.standard_normal((B, T, C)).astype(dtype)
+    pad = None
+    if padded:
+        pad = np.ones((B, T), dtype=bool)
+        pad[0, 4:] = False
+        pad[2, :] = False  # a fully padded row
+    allowed = L.attention_mask(T, causal, pad)
+    y, cache = FAST.attention_forward(qkv, NH, allowed)
+    y_ref, ref_cache = PLAIN.attention_forward(qkv, NH, allowed)
+    np.testing.assert_allclose(y, y_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    (dqkv,) = FAST.attention_backward(dy, cache)
+    (dqkv_ref,) = PLAIN.attention_backward(dy, ref_cache)
+    np.testing.assert_allclose(dqkv, dqkv_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    assert y.dtype == dqkv.dtype == dtype
+    if padded:
+        assert not y[2].any()  # a row with no allowed key gives zeros, not NaN
+
+
+def test_attention_with_dropout_fast_equals_plain():
+    """The same dropout mask (same RNG state) in both forms gives the same numbers."""
+    r = np.random.default_rng(4)
+    qkv, dy = r.standard_normal((2, 5, 24)), r.standard_normal((2, 5, 8))
+    allowed = L.attention_mask(5, True)
+    y, cache = FAST.attention_forward(qkv, 2, allowed, 0.3, np.random.default_rng(9))
+    y_ref, ref_cache = PLAIN.attention_forward(qkv, 2, allowed, 0.3, np.random.default_rng(9))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(FAST.attention_backward(dy, cache)[0],
+                               PLAIN.attention_backward(dy, ref_cache)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("head", ["lm", "sequence"])
+def test_the_model_gives_the_same_numbers_with_either_table(head):
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64",
+                    head=head, n_classes=3, dropout=0.1)
+    r = np.random.default_rng(5)
+    idx = r.integers(0, 11, (3, 8))
+    y = r.integers(0, 11, (3, 8)) if head == "lm" else r.integers(0, 3, 3)
+    fast, plain = GPT(cfg, seed=1), GPT(cfg, seed=1, kernels="plain")
+    assert fast.kernels is FAST and plain.kernels is PLAIN
+    lf, loss_f = fast(idx, y)
+    lp, loss_p = plain(idx, y)
+    np.testing.assert_allclose(lf, lp, rtol=1e-12, atol=1e-12)
+    assert loss_f == pytest.approx(loss_p, rel=1e-12)
+    gf, gp = fast.backward(), plain.backward()
+    for name in gf:
+        np.testing.assert_allclose(gf[name], gp[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_a_table_can_be_switched_on_a_live_model_and_instrumented():
+    """What bench.py does: a table whose functions count their calls, no names rebound."""
+    calls = {}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    counted = KernelTable("counted", **{n: counting(n, f) for n, f in FAST.functions().items()})
+    model = GPT(GPTConfig(vocab_size=7, block_size=4, n_layer=3, n_head=1, n_embd=4), seed=0)
+    model.kernels = counted
+    model(np.zeros((1, 4), dtype=int), np.zeros((1, 4), dtype=int))
+    model.backward()
+    assert calls["attention_forward"] == calls["attention_backward"] == 3
+    assert calls["layernorm_forward"] == calls["layernorm_backward"] == 2 * 3 + 1  # + ln_f
+    assert calls["linear_forward"] == 4 * 3
+    assert FAST.attention_forward is not counted.attention_forward  # the shared table is untouched
+
+
+def test_unknown_kernel_table_is_refused_by_name():
+    assert kernel_table("plain") is PLAIN and set(KERNELS) == {"plain", "fast"}
+    with pytest.raises(ValueError, match="kernels must be one of plain, fast, got 'turbo'"):
+        GPT(GPTConfig(vocab_size=5, block_size=4), kernels="turbo")
