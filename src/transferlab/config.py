@@ -34,14 +34,14 @@ from pathlib import Path
 
 import yaml
 
-# Every transfer strategy the runner knows (strategies.py). "all" in runner.strategies
-# (or `--strategy all`) stands for this whole tuple, in this order.
-STRATEGY_NAMES = (
-    "scratch", "feature_extractor", "head_finetune", "full_finetune", "gradual_unfreeze",
-    "discriminative_lr", "freeze_then_unfreeze", "bitfit", "sparse_mask",
-)
-# The target tasks, one per head (tasks.py).
-TASK_TARGETS = ("topic", "binary", "tagging", "score")
+from .heads import POOLINGS
+from .schedules import CONFIGURABLE as SCHEDULE_NAMES
+from .strategies import STRATEGIES
+from .tasks import TARGET_KINDS
+
+# The registries this schema reads its choices from, each declared once in its own module.
+STRATEGY_NAMES = tuple(STRATEGIES)  # "all" in runner.strategies (or `--strategy all`) = these
+TASK_TARGETS = TARGET_KINDS
 
 # The environment variables we read, and the config key each one sets.
 ENV_KEYS = {"RANDOM_SEED": "seed", "LOG_LEVEL": "logging.level"}
@@ -134,14 +134,14 @@ class FinetuneConfig:
     grad_clip: float = knob(1.0, "clip the global gradient norm to this", gt=0)
     eval_every: int = knob(25, "steps between validation evaluations", ge=1)
     schedule: str = knob("warmup_cosine", "learning-rate schedule of strategies that do not "
-                                          "bring their own", choices=("warmup_cosine", "constant", "plateau"))
+                                          "bring their own", choices=SCHEDULE_NAMES)
     warmup_steps: int = knob(10, "warmup_cosine: linear warmup steps", ge=0)
     plateau_patience: int = knob(2, "plateau: evaluations without improvement before the "
                                     "rate drops", ge=0)
     plateau_factor: float = knob(0.5, "plateau: the rate is multiplied by this", gt=0, lt=1)
     patience: int = knob(4, "early stopping after this many evaluations without "
                             "improvement; 0 = off", ge=0)
-    pooling: str = knob("mean", "sequence pooling", choices=("cls", "last", "mean", "attention"))
+    pooling: str = knob("mean", "sequence pooling", choices=POOLINGS)
     attention: str = knob("bidirectional", "attention mask of the target heads",
                           choices=("causal", "bidirectional"))
     label_smoothing: float = knob(0.0, "classification label smoothing eps", ge=0, lt=1)

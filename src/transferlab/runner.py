@@ -23,17 +23,10 @@ from . import checkpoint as C
 from . import strategies as S
 from .config import config_hash, replace_in
 from .model import GPT, GPTConfig
-from .tasks import TaskSpec, append_cls, make_source, make_target
-from .train import PRIMARY, Data, Settings, evaluate, lm_split, train
+from .tasks import TaskSpec, append_cls, make_source, make_target, task_kind
+from .train import Data, Settings, evaluate, lm_split, train
 
 log = logging.getLogger("transferlab")
-
-HEAD_OF_TASK = {  # target kind -> (model head, sequence output)
-    "topic": ("sequence", "classify"),
-    "binary": ("sequence", "classify"),
-    "tagging": ("token", "classify"),
-    "score": ("sequence", "score"),
-}
 
 
 # ---------------------------------------------------------------------- progress display
@@ -118,7 +111,7 @@ def target_model(config, kind: str, n_classes: int, spec: TaskSpec, pretrained, 
     `pretrained`: the pretrained Checkpoint (or its path); None for a random backbone.
     """
     f = config.finetune
-    head, output = HEAD_OF_TASK[kind]
+    head, output = task_kind(kind).head, task_kind(kind).output
     changes = dict(n_classes=n_classes, sequence_output=output, pooling=f.pooling,
                    causal=f.attention == "causal", label_smoothing=f.label_smoothing,
                    head_hidden=f.head_hidden, dropout=config.model.dropout)
@@ -197,7 +190,7 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
         "history": result.history,
     }
     log.info("%s seed %d: %s %.4f, source lm_loss %.4f, %d/%d trainable, %.1fs", strategy, seed,
-             PRIMARY[kind][0], test[PRIMARY[kind][0]], entry["source"]["lm_loss"],
+             task_kind(kind).metric, test[task_kind(kind).metric], entry["source"]["lm_loss"],
              entry["trainable_params"], entry["total_params"], entry["seconds"])
     return entry
 
@@ -207,7 +200,7 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
 
 def summarize(entries: list[dict], kind: str) -> list[dict]:
     """Mean and std over seeds per strategy (and relatedness)."""
-    metric = PRIMARY[kind][0]
+    metric = task_kind(kind).metric
     rows, order = {}, []
     for e in entries:
         key = (e["strategy"], e["relatedness"])
@@ -260,7 +253,7 @@ def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = PRIMARY[kind][0]
+    metric = task_kind(kind).metric
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     strategies = list(dict.fromkeys(e["strategy"] for e in entries))
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(strategies)}

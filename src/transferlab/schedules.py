@@ -332,6 +332,9 @@ SCHEDULES = {
     "slanted_triangular": SlantedTriangular,
     "plateau": ReduceOnPlateau,
 }
+# The schedules finetune.schedule may name: slanted triangular needs the step count and
+# knobs of the strategy that brings it (discriminative_lr, gradual_unfreeze).
+CONFIGURABLE = ("warmup_cosine", "constant", "plateau")
 
 
 Schedule = Constant | WarmupCosine | SlantedTriangular | ReduceOnPlateau

@@ -26,7 +26,37 @@ import numpy as np
 
 from .losses import IGNORE_INDEX
 
-TARGET_KINDS = ("topic", "binary", "tagging", "score")
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What a kind of task needs from the model and how its results are judged."""
+
+    head: str  # the model head: "lm", "token" or "sequence"
+    output: str  # the sequence head's output: "classify" or "score"
+    metric: str  # the number early stopping, the table and the plots watch
+    goal: str  # "max" or "min": which way that number is better
+
+
+# The registry of task kinds, declared once: config choices, the runner's head switch and
+# the training loop's early stopping all read it. "lm" is pretraining's kind.
+LM_KIND = TaskKind(head="lm", output="classify", metric="loss", goal="min")
+TASK_KINDS = {
+    "topic": TaskKind(head="sequence", output="classify", metric="accuracy", goal="max"),
+    "binary": TaskKind(head="sequence", output="classify", metric="accuracy", goal="max"),
+    "tagging": TaskKind(head="token", output="classify", metric="accuracy", goal="max"),
+    "score": TaskKind(head="sequence", output="score", metric="mse", goal="min"),
+}
+TARGET_KINDS = tuple(TASK_KINDS)
+
+
+def task_kind(kind: str) -> TaskKind:
+    """The registry entry of a target kind, or of "lm" (pretraining)."""
+    if kind == "lm":
+        return LM_KIND
+    if kind not in TASK_KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; choose one of lm, {', '.join(TASK_KINDS)}")
+    return TASK_KINDS[kind]
+
 
 INIT_CONCENTRATION = 1.0  # broad first-token distributions: one token says little about the topic
 SMOOTHING = 1e-3  # mass spread over every row: no transition is impossible, log p stays finite

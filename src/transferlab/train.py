@@ -27,14 +27,9 @@ from .losses import IGNORE_INDEX, log_softmax
 from .masks import count, lowest_trainable_depth
 from .optim import SGD, AdamW, clip_grad_norm
 from .schedules import make_schedule
-from .tasks import Split
+from .tasks import Split, task_kind
 
 log = logging.getLogger("transferlab")
-
-# what each task reports, and which number early stopping watches (and in which direction)
-PRIMARY = {"lm": ("loss", "min"), "topic": ("accuracy", "max"), "binary": ("accuracy", "max"),
-           "tagging": ("accuracy", "max"), "score": ("mse", "min")}
-
 
 class TrainingError(RuntimeError):
     """Training could not go on (a NaN loss); the message says where and what was kept."""
@@ -138,8 +133,8 @@ def metrics(kind: str, outputs: np.ndarray, split: Split) -> dict:
 
 
 def is_better(kind: str, new: float, old: float | None) -> bool:
-    direction = PRIMARY[kind][1]
-    return old is None or (new < old if direction == "min" else new > old)
+    """Is `new` a better value of the kind's metric than `old` (tasks.TASK_KINDS says which way)?"""
+    return old is None or (new < old if task_kind(kind).goal == "min" else new > old)
 
 
 # ---------------------------------------------------------------------- feature cache
@@ -236,7 +231,7 @@ def make_plan_schedule(plan: S.Plan, s: Settings, kind: str):
     if name == "warmup_cosine":
         kwargs.setdefault("warmup_steps", min(s.warmup_steps, s.steps // 2))
     elif name == "plateau":
-        kwargs.update(patience=s.plateau_patience, factor=s.plateau_factor, mode=PRIMARY[kind][1])
+        kwargs.update(patience=s.plateau_patience, factor=s.plateau_factor, mode=task_kind(kind).goal)
     return make_schedule(name, lr_max=s.lr, total_steps=s.steps, **kwargs)
 
 
@@ -251,7 +246,7 @@ def train(model, data: Data, plan: S.Plan, s: Settings, seed: int = 0, progress=
     """
     t0 = time.perf_counter()
     kind = data.kind
-    metric, _ = PRIMARY[kind]
+    metric = task_kind(kind).metric
     order = BatchOrder(len(data.train), s.batch_size, seed)
     opt = make_optimizer(model, s)
     schedule = make_plan_schedule(plan, s, kind)
