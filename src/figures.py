@@ -3,6 +3,7 @@
     python src/figures.py                      # both figures
     python src/figures.py architecture         # only one of them
     python src/figures.py attention
+    python src/figures.py --help               # this text
 
 architecture.png  the GPT-2 of src/transferlab/model.py as boxes and arrows: embedding,
                   one block on the residual stream (repeated L times), ln_f, three heads.
@@ -12,8 +13,9 @@ attention.png     every head's attention matrix att (T, T) of the pretrained mod
 The attention figure needs the pretrained source LM. It uses the one `python src/main.py`
 caches in cache/ (the same config.yaml gives the same cache key), and pretrains it with
 the project's own training loop when it is not there yet (about a minute on 2 cores).
-The matrices are recomputed by hand from the block's qkv, the way docs/attention.md writes
-the forward pass, and checked against `attention_forward`'s output.
+The blocks run through model.py's own `block_forward`; at each block the matrices are
+recomputed by hand from the block's qkv, the way docs/attention.md writes the forward pass,
+and checked against the attention weights the block keeps in its cache.
 """
 from __future__ import annotations
 
@@ -89,8 +91,8 @@ def draw_architecture(path):
                                 facecolor="none", edgecolor="#888888", linewidth=1.2, linestyle="--"))
     ax.text(S + 0.3, y1 - 0.28, "block h.{i}   (repeated L = n_layer times)", fontsize=10, fontweight="bold",
             color="#555555")
-    ax.text(S + 0.3, y1 - 0.58, "forward: model.py::GPT.backbone    backward: model.py::GPT._block_backward", fontsize=8,
-            color="#555555")
+    ax.text(S + 0.3, y1 - 0.58, "forward: model.py::block_forward    backward: model.py::block_backward",
+            fontsize=8, color="#555555")
 
     # the residual stream: a thick line from the embedding to ln_f
     ax.plot([S, S], [1.88, 9.73], color="#1f4e79", linewidth=4, solid_capstyle="butt", zorder=1)
@@ -104,13 +106,14 @@ def draw_architecture(path):
     ax.text(S + 0.15, fork_a + 0.12, "fork", fontsize=8, color="#1f4e79")
     _box(ax, X, fork_a, 2.4, 0.5, "ln_1  LayerNorm", COLORS["norm"])
     _box(ax, X, 3.55, 3.5, 0.6, "c_attn:  qkv = x @ W + b\n(C, 3C) -> qkv (B, T, 3C)", COLORS["attn"], fontsize=8.5)
-    _box(ax, X, 4.5, 4.6, 0.75,
-         "attention (NH heads, HS = C / NH)\natt = softmax(q k^T / sqrt(HS) + mask)  (B, NH, T, T)\ny = att v  -> (B, T, C)",
+    _box(ax, X, 4.5, 4.6, 0.95,
+         "attention (NH heads, HS = C / NH)\natt = softmax(q k^T / sqrt(HS) + mask)  (B, NH, T, T)\n"
+         "att = dropout(att)   attention dropout\ny = att v  -> (B, T, C)",
          COLORS["attn"], fontsize=8.5)
     _box(ax, X, add_a, 3.2, 0.5, "c_proj (C, C)  + dropout", COLORS["attn"], fontsize=8.5)
     _arrow(ax, (X, fork_a + 0.25), (X, 3.25))
-    _arrow(ax, (X, 3.85), (X, 4.12))
-    _arrow(ax, (X, 4.88), (X, add_a - 0.25))
+    _arrow(ax, (X, 3.85), (X, 4.02))
+    _arrow(ax, (X, 4.98), (X, add_a - 0.25))
     _arrow(ax, (X - 1.6, add_a), (S + 0.17, add_a), color="#1f4e79")
     _plus(ax, S, add_a)
     ax.text(S - 0.3, add_a, "x = x + attn(ln_1(x))", ha="right", va="center", fontsize=8.5)
@@ -186,44 +189,40 @@ def pretrained_model():
 
 
 def attention_maps(model, idx):
-    """att (L, NH, T, T) of every block for the token ids idx (1, T), recomputed by hand.
+    """att (L, NH, T, T) of every block for the token ids idx (1, T).
 
-    Walks the blocks as GPT.backbone does; at each block the attention weights are formed
-    from the block's own qkv exactly as docs/attention.md writes them, and the output they
-    give is checked against layers.attention_forward.
+    Runs the blocks with model.py's block_forward, in inference mode, through the model's
+    own kernel table. At each block the attention weights are recomputed from the block's
+    own qkv exactly as docs/attention.md writes them, and checked against the weights the
+    block's attention layer kept in its cache (BlockCache.att).
     """
-    from transferlab.layers import (attention_forward, attention_mask, embedding_forward, gelu_forward,
-                                    layernorm_forward, linear_forward)
+    from transferlab.layers import attention_mask
+    from transferlab.model import block_forward
 
-    cfg, p = model.config, model.params
+    cfg, p, K = model.config, model.params, model.kernels
     B, T = idx.shape
     NH, C = cfg.n_head, cfg.n_embd
     HS = C // NH
     allowed = attention_mask(T, cfg.is_causal)  # (1, 1, T, T)
-    x, _ = embedding_forward(idx, p["wte.weight"], p["wpe.weight"])  # (B, T, C)
+    x, _ = K.embedding_forward(idx, p["wte.weight"], p["wpe.weight"])  # (B, T, C)
     maps = []
     for i in range(cfg.n_layer):
-        pre = f"h.{i}."
-        ln1, _ = layernorm_forward(x, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"])
-        qkv, _ = linear_forward(ln1, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_attn.bias"])  # (B, T, 3C)
+        w = model.block_params(i)
+        x, cache = block_forward(x, w, NH, allowed, kernels=K)  # (B, T, C); rng=None: no dropout
+        ln1, _ = cache.qkv  # the c_attn layer's cache: its input ln_1(x) and its weight
+        qkv = ln1 @ w["attn.c_attn.weight"] + w["attn.c_attn.bias"]  # (B, T, 3C)
         q, k, v = qkv.reshape(B, T, 3, NH, HS).transpose(2, 0, 3, 1, 4)  # each (B, NH, T, HS)
         preatt = q @ k.transpose(0, 1, 3, 2) / np.sqrt(HS)  # (B, NH, T, T)
         preatt = np.where(allowed, preatt, -np.inf)
         att = np.exp(preatt - preatt.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)  # (B, NH, T, T)
-        y, _ = attention_forward(qkv, NH, allowed)  # (B, T, C)
-        by_hand = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
-        assert np.allclose(y, by_hand, atol=1e-5), "attention by hand disagrees with attention_forward"
+        # the attention layer's cache is (q or q * scale, k, v, att, att_used, dropout, scale)
+        # in both kernel tables: att is its fourth entry
+        assert np.allclose(att, cache.att[3], atol=1e-5), "attention by hand disagrees with the block's"
         maps.append(att[0])
-        attproj, _ = linear_forward(y, p[pre + "attn.c_proj.weight"], p[pre + "attn.c_proj.bias"])
-        x = x + attproj
-        ln2, _ = layernorm_forward(x, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"])
-        fch, _ = linear_forward(ln2, p[pre + "mlp.c_fc.weight"], p[pre + "mlp.c_fc.bias"])
-        fcproj, _ = linear_forward(gelu_forward(fch)[0], p[pre + "mlp.c_proj.weight"], p[pre + "mlp.c_proj.bias"])
-        x = x + fcproj
     # the walk above must be the model's own forward pass
-    h, _ = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
-    assert np.allclose(h, model.backbone(idx), atol=1e-5), "hand-walked blocks disagree with GPT.backbone"
+    h, _ = K.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+    assert np.allclose(h, model.backbone(idx), atol=1e-5), "block_forward walk disagrees with GPT.backbone"
     return np.stack(maps)  # (L, NH, T, T)
 
 
@@ -293,6 +292,9 @@ FIGURES = {"architecture": draw_architecture, "attention": draw_attention}
 
 def main(argv=None):
     names = (sys.argv[1:] if argv is None else argv) or list(FIGURES)
+    if any(n in ("-h", "--help") for n in names):
+        print(__doc__)
+        return 0
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         print(f"error: unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}", file=sys.stderr)
