@@ -113,7 +113,7 @@ def second(world):
 
 
 def check_entry(entry, task, pretrained_loss):
-    """The fields DESIGN.md promises for one results entry, with sane values."""
+    """The fields docs/API.md (Runner) promises for one results entry, with sane values."""
     name = entry["strategy"]
     assert entry["task"] == task
     assert type(entry["seed"]) is int and entry["seed"] >= 0
