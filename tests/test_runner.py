@@ -66,6 +66,7 @@ def fresh(pre, tmp_path, **changes):
 # ---------------------------------------------------------------------- atomic results file
 
 
+@pytest.mark.slow  # two whole runs
 def test_a_run_whose_results_write_fails_keeps_the_earlier_results(pre, tmp_path, monkeypatch):
     config = fresh(pre, tmp_path, **{"runner.strategies": ["feature_extractor"]})
     assert R.run(config) == 0
