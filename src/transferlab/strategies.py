@@ -6,7 +6,7 @@ its first step on, which parameters train (a trainable *spec*, turned into masks
 group 0 the embeddings, 1..L the blocks, L + 1 ln_f and the head (see masks.py).
 
     plan = build_plan("gradual_unfreeze", steps=300, n_layer=2, knobs=config.strategies)
-    print(describe(plan))
+    print(describe(plan, 300))  # 300: the total steps, to print where each phase ends
 
 Trainable specs: "all", "head" (the head only: the backbone is frozen), "bias" (BitFit),
 "sparse" (a Fisher top-k mask plus the head), "top:K" (the top K layer groups).

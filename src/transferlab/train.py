@@ -240,7 +240,7 @@ def train(model, data: Data, plan: S.Plan, s: Settings, seed: int = 0, progress=
     """Run `plan` for s.steps steps on data.train, evaluating on data.val.
 
     Keeps the best parameters by the validation metric and restores them at the end.
-    progress: an object with update(step, loss, lr) (see runner.Progress) or None.
+    progress: an object with update(step, loss, lr) (see report.Progress) or None.
     checkpoint: write a resumable checkpoint there at every evaluation (atomically).
     resume: continue from such a checkpoint; the numbers equal a run that never stopped.
     """
