@@ -23,7 +23,7 @@ from .fileio import write_json_atomic
 from .model import GPT, GPTConfig
 from .report import Progress, plot, summarize, table
 from .tasks import TaskSpec, append_cls, make_source, make_target, task_kind
-from .train import Data, Settings, evaluate, lm_split, train
+from .train import Data, evaluate, lm_split, train
 
 log = logging.getLogger("transferlab")
 
@@ -61,11 +61,9 @@ def pretrain(config, spec: TaskSpec, path: Path, progress: bool) -> dict:
     source = make_source(spec)
     model = GPT(backbone_config(config, spec), seed=config.seed)
     data = Data("lm", lm_split(source.train), lm_split(source.val))
-    settings = Settings(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                        grad_clip=p.grad_clip, eval_every=p.eval_every, warmup_steps=p.warmup_steps)
     plan = S.Plan("pretrain", pretrained=False, phases=(S.Phase(0, "all"),))
     bar = Progress("pretrain (source LM)", p.steps, progress)
-    result = train(model, data, plan, settings, seed=config.seed, progress=bar)
+    result = train(model, data, plan, p, seed=config.seed, progress=bar)
     log.info("pretrained in %.1fs: source val loss %.4f (best at step %d)",
              result.seconds, result.best["loss"], result.best_step)
     C.save_checkpoint(path, model, step=result.steps_run,
@@ -115,18 +113,6 @@ def source_lm_loss(model, pretrained, source_val) -> float:
     return evaluate(lm, "lm", lm_split(source_val))["loss"]
 
 
-def settings_for(config, plan) -> Settings:
-    f = config.finetune
-    return Settings(steps=f.steps, batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay,
-                    grad_clip=f.grad_clip, eval_every=f.eval_every, patience=f.patience,
-                    optimizer=f.optimizer, momentum=f.momentum, schedule=f.schedule,
-                    warmup_steps=f.warmup_steps, plateau_patience=f.plateau_patience,
-                    plateau_factor=f.plateau_factor,
-                    layernorm_trainable=f.layernorm_trainable_when_frozen,
-                    keep_fraction=config.strategies.sparse_mask.keep_fraction,
-                    fisher_batches=config.strategies.sparse_mask.fisher_batches)
-
-
 def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: bool,
             resume: str | None = None, checkpoint: str | None = None) -> dict:
     """One strategy, one seed: one entry of the results JSON's `results` list (docs/API.md, Runner)."""
@@ -140,7 +126,7 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
         splits = [append_cls(s, model.config.cls_id) for s in splits]
     data = Data(kind, *splits)
     bar = Progress(f"{strategy} (seed {seed})", config.finetune.steps, progress)
-    result = train(model, data, plan, settings_for(config, plan), seed=seed, progress=bar,
+    result = train(model, data, plan, config.finetune, seed=seed, progress=bar,
                    checkpoint=checkpoint, resume=resume,
                    extra={"kind": "finetune", "strategy": strategy, "seed": seed, "task": kind,
                           "relatedness": config.task.relatedness})

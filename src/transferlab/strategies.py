@@ -39,6 +39,8 @@ class Plan:
     schedule: str | None = None  # schedules.make_schedule name; None = the configured one
     schedule_kwargs: dict = field(default_factory=dict)
     feature_cache: bool = False  # backbone frozen throughout: compute its output once
+    keep_fraction: float | None = None  # "sparse" phases: the fraction of weights that train
+    fisher_batches: int | None = None  # "sparse" phases: batches for the Fisher estimate
 
     def phase_at(self, step: int) -> Phase:
         current = self.phases[0]
@@ -104,7 +106,9 @@ def build_plan(name: str, steps: int, n_layer: int, knobs) -> Plan:
         return Plan(name, True, (frozen, thawed))
     if name == "bitfit":
         return Plan(name, True, (Phase(0, "bias"),))
-    return Plan(name, True, (Phase(0, "sparse"),))  # sparse_mask
+    sparse = knobs.sparse_mask
+    return Plan(name, True, (Phase(0, "sparse"),), keep_fraction=sparse.keep_fraction,
+                fisher_batches=sparse.fisher_batches)
 
 
 def apply_phase(model, phase: Phase, layernorm_trainable=False, fisher_batches=None, keep_fraction=None) -> dict:
