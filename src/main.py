@@ -14,14 +14,13 @@ import sys
 import traceback
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent
-if str(SRC) not in sys.path:  # so `python src/main.py` works from any directory
-    sys.path.insert(0, str(SRC))
-
-from transferlab.config import (  # noqa: E402  (needs the sys.path line above)
+# `python src/main.py` puts the script's own folder, src/, first on sys.path, so the
+# package imports from any working directory without patching the path.
+from transferlab.config import (
     STRATEGY_NAMES, TASK_TARGETS, ConfigError, load_config, parse_override)
-from transferlab.logs import setup_logging  # noqa: E402
+from transferlab.logs import setup_logging
 
+SRC = Path(__file__).resolve().parent
 DEFAULT_CONFIG = SRC.parent / "config.yaml"
 SWEEPS = ("relatedness",)
 

@@ -28,6 +28,7 @@ def restore_threads():
 # the benchmark itself
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_json(tmp_path, restore_threads):
     out = tmp_path / "bench.json"
     assert bench.main(["--sizes", "tiny", "--repeat", "1", "--threads", "1",

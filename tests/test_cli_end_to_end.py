@@ -20,6 +20,10 @@ import pytest
 
 from transferlab.config import STRATEGY_NAMES
 
+# every test needs the module's first run (pretraining, then all nine strategies) and
+# most start another command line: the quick loop (-m "not slow") leaves the file out
+pytestmark = pytest.mark.slow
+
 MAIN = Path(__file__).resolve().parents[1] / "src" / "main.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINETUNE_STEPS = 6
@@ -113,7 +117,7 @@ def second(world):
 
 
 def check_entry(entry, task, pretrained_loss):
-    """The fields DESIGN.md promises for one results entry, with sane values."""
+    """The fields docs/API.md (Runner) promises for one results entry, with sane values."""
     name = entry["strategy"]
     assert entry["task"] == task
     assert type(entry["seed"]) is int and entry["seed"] >= 0

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gradcheck import check_layer
+from reference import assert_matches, import_torch, torch_reference
 from transferlab.layers import (
     attention_backward,
     attention_forward,
@@ -115,18 +116,15 @@ def test_linear_layout_bias_none_and_skipped_products():
 
 
 def test_linear_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     r = rng(5)
     x, w, b = r.standard_normal((B, T, C)), r.standard_normal((C, 6)), r.standard_normal(6)
     dout = r.standard_normal((B, T, 6))
-    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
-    yt = torch.nn.functional.linear(xt, wt.T, bt)  # torch stores [out, in]; ours is [in, out]
-    (yt * torch.tensor(dout)).sum().backward()
+    # torch stores [out, in]; ours is [in, out]
+    ref, ref_grads = torch_reference(lambda x, w, b: torch.nn.functional.linear(x, w.T, b),
+                                     x, w, b, dout=dout)
     out, cache = linear_forward(x, w, b)
-    dx, dw, db = linear_backward(dout, cache)
-    np.testing.assert_allclose(out, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
-    for ours, theirs in ((dx, xt), (dw, wt), (db, bt)):
-        np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-12, atol=1e-12)
+    assert_matches([out, *linear_backward(dout, cache)], [ref, *ref_grads], rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,18 +181,14 @@ def test_layernorm_normalises_rows():
 
 
 def test_layernorm_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     r = rng(9)
     x, w, b = layernorm_inputs(r)
     dout = r.standard_normal(x.shape)
-    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
-    yt = torch.nn.functional.layer_norm(xt, (C,), wt, bt, eps=1e-5)
-    (yt * torch.tensor(dout)).sum().backward()
+    ref, ref_grads = torch_reference(lambda x, w, b: torch.nn.functional.layer_norm(x, (C,), w, b, eps=1e-5),
+                                     x, w, b, dout=dout)
     out, cache = layernorm_forward(x, w, b)
-    dx, dw, db = layernorm_backward(dout, cache)
-    np.testing.assert_allclose(out, yt.detach().numpy(), rtol=1e-10, atol=1e-12)
-    for ours, theirs in ((dx, xt), (dw, wt), (db, bt)):
-        np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert_matches([out, *layernorm_backward(dout, cache)], [ref, *ref_grads], rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,17 +221,13 @@ def test_gelu_approximates_exact_gelu():
 
 
 def test_gelu_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     r = rng(11)
     x = r.standard_normal((B, T, 4 * C)) * 3.0
     dout = r.standard_normal(x.shape)
-    xt = torch.tensor(x, requires_grad=True)
-    yt = torch.nn.functional.gelu(xt, approximate="tanh")
-    (yt * torch.tensor(dout)).sum().backward()
+    ref, ref_grads = torch_reference(lambda x: torch.nn.functional.gelu(x, approximate="tanh"), x, dout=dout)
     out, cache = gelu_forward(x)
-    (dx,) = gelu_backward(dout, cache)
-    np.testing.assert_allclose(out, yt.detach().numpy(), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-12, atol=1e-14)
+    assert_matches([out, *gelu_backward(dout, cache)], [ref, *ref_grads], rtol=1e-12, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------------------
@@ -427,26 +417,25 @@ def test_attention_equal_keys_average_the_values():
 
 @pytest.mark.parametrize("case", ["causal", "bidirectional", "padding", "causal_padding"])
 def test_attention_matches_torch_sdpa(case):
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     causal, pad = ATTENTION_CASES[case]
     qkv = qkv_input(26)
     dy = rng(27).standard_normal((B, T, C))
-    qkvt = torch.tensor(qkv, requires_grad=True)
-    q, k, v = (a.reshape(B, T, NH, HS).transpose(1, 2) for a in qkvt.split(C, dim=2))
     kwargs = {"is_causal": True} if causal and pad is None else {}
     if pad is not None:  # a bool attn_mask: True = may attend
         mask = torch.tensor(pad)[:, None, None, :].expand(B, NH, T, T)
         if causal:
             mask = mask & torch.ones(T, T, dtype=torch.bool).tril()
         kwargs = {"attn_mask": mask}
-    yt = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)  # (B, NH, T, HS)
-    yt = yt.transpose(1, 2).reshape(B, T, C)
-    (yt * torch.tensor(dy)).sum().backward()
 
+    def sdpa(qkvt):
+        q, k, v = (a.reshape(B, T, NH, HS).transpose(1, 2) for a in qkvt.split(C, dim=2))
+        yt = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)  # (B, NH, T, HS)
+        return yt.transpose(1, 2).reshape(B, T, C)
+
+    ref, ref_grads = torch_reference(sdpa, qkv, dout=dy)
     y, cache = attention_forward(qkv, NH, attention_mask(T, causal, pad))
-    (dqkv,) = attention_backward(dy, cache)
-    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(dqkv, qkvt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert_matches([y, *attention_backward(dy, cache)], [ref, *ref_grads], rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------

@@ -343,6 +343,7 @@ def hf_gpt2(n_layer=2, n_head=4, n_embd=32, vocab=50, n_pos=16):
     return torch, hf
 
 
+@pytest.mark.slow
 def test_matches_hugging_face_gpt2_logits_loss_and_every_gradient():
     """Our model loaded from a GPT2LMHeadModel state dict computes what GPT-2 computes."""
     torch, hf = hf_gpt2()
@@ -368,6 +369,7 @@ def test_matches_hugging_face_gpt2_logits_loss_and_every_gradient():
         np.testing.assert_allclose(grads[name], param.grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.slow
 def test_gpt2_small_state_dict_loads_with_no_missing_key():
     """GPT-2 small's real shapes (124M parameters), as Hugging Face writes its state dict."""
     torch = pytest.importorskip("torch")

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from reference import import_torch, leaves, step_beside_torch
 from transferlab.optim import SGD, AdamW, clip_grad_norm
 
 # a miniature GPT-2 parameter dict: 2-D weights and embeddings (decayed), 1-D biases and
@@ -51,27 +52,17 @@ def torch_groups(tparams, lr, weight_decay, lr_scale):
 
 
 def run_against_torch(make_ours, make_theirs, steps=12):
-    torch = pytest.importorskip("torch")
+    """Our optimizer and torch's, built on the same parameters, stepped side by side."""
     params = make_params()
-    tparams = {n: torch.tensor(p.copy(), requires_grad=True) for n, p in params.items()}
-    opt, topt = make_ours(params), make_theirs(tparams)
-    rng = np.random.default_rng(1)
-    for _ in range(steps):
-        grads = make_grads(rng)
-        opt.step(grads)
-        for name, t in tparams.items():
-            t.grad = torch.tensor(grads[name])
-        topt.step()
-        for name, t in tparams.items():
-            np.testing.assert_allclose(params[name], t.detach().numpy(), rtol=1e-12, atol=1e-14,
-                                       err_msg=name)
-    return params, tparams
+    tparams = leaves(params)
+    step_beside_torch(make_ours(params), make_theirs(tparams), params, tparams, steps=steps)
+    return params
 
 
 def test_adamw_matches_torch_with_decay_groups_and_lr_scale():
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     lr, wd, scale = 1e-2, 0.1, {"seq_head.weight": 3.0, "seq_head.bias": 3.0}
-    params, tparams = run_against_torch(
+    params = run_against_torch(
         lambda p: AdamW(p, lr=lr, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, lr_scale=scale),
         lambda t: torch.optim.AdamW(torch_groups(t, lr, wd, scale), betas=(0.8, 0.99), eps=1e-6,
                                     foreach=False))
@@ -82,7 +73,7 @@ def test_adamw_matches_torch_with_decay_groups_and_lr_scale():
 @pytest.mark.parametrize("momentum, nesterov, wd", [(0.0, False, 0.0), (0.9, False, 0.01),
                                                     (0.9, True, 0.01), (0.5, True, 0.0)])
 def test_sgd_matches_torch(momentum, nesterov, wd):
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     lr, scale = 0.05, {"h.0.ln_1.weight": 0.25}
     run_against_torch(
         lambda p: SGD(p, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd,
@@ -93,24 +84,19 @@ def test_sgd_matches_torch(momentum, nesterov, wd):
 
 def test_lr_changed_between_steps_matches_torch():
     """Schedules set opt.lr between steps; torch's equivalent is the param group's lr."""
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     params = make_params()
-    tparams = {n: torch.tensor(p.copy(), requires_grad=True) for n, p in params.items()}
+    tparams = leaves(params)
     opt = AdamW(params, lr=1e-3)
     topt = torch.optim.AdamW(torch_groups(tparams, 1e-3, 0.01, {}), foreach=False)
-    rng = np.random.default_rng(2)
-    for step in range(10):
+
+    def set_lr(step):
         lr = 1e-2 * (step + 1) / 10
         opt.lr = lr
         for group in topt.param_groups:
             group["lr"] = lr
-        grads = make_grads(rng)
-        opt.step(grads)
-        for name, t in tparams.items():
-            t.grad = torch.tensor(grads[name])
-        topt.step()
-    for name, t in tparams.items():
-        np.testing.assert_allclose(params[name], t.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+    step_beside_torch(opt, topt, params, tparams, steps=10, seed=2, before_step=set_lr)
 
 
 # ----------------------------------------------------------------------------------------
@@ -397,7 +383,7 @@ def test_clip_grad_norm_leaves_masked_entries_out_of_the_norm():
 
 
 def test_clip_grad_norm_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     grads = make_grads(np.random.default_rng(8))
     tparams = {n: torch.zeros(g.shape, dtype=torch.float64, requires_grad=True)
                for n, g in grads.items()}

@@ -1,24 +1,25 @@
-"""runner.py in-process: the summary over seeds, the table, the atomic results file, the
-pretraining cache key, the source-task loss of an adapted backbone, and the resumable
-checkpoint each fine-tuning run keeps while it trains.
+"""runner.py in-process: a run's results file written atomically, the pretraining cache
+key, the source-task loss of an adapted backbone, and the resumable checkpoint each
+fine-tuning run keeps while it trains. The summary, table and progress line are tested in
+test_report.py, the atomic JSON writer in test_fileio.py.
 
 The end-to-end command line is tested in test_cli_end_to_end.py; these tests call the
 runner's functions directly on a tiny config, with one pretrained model for the module.
 """
 import json
-import math
 import os
 import textwrap
 
-import numpy as np
 import pytest
 
 from transferlab import checkpoint as C
+from transferlab import fileio
 from transferlab import runner as R
 from transferlab import train as T
 from transferlab.config import load_config, replace_in
 from transferlab.tasks import make_source
 from transferlab.train import evaluate, lm_split
+from test_fileio import dump_half_then_fail
 
 TINY = """\
 seed: 0
@@ -62,79 +63,10 @@ def fresh(pre, tmp_path, **changes):
     return replace_in(cfg, "runner.cache_dir", str(path.parent))
 
 
-# ---------------------------------------------------------------------- summary and table
-
-
-def entry(strategy, seed, value, loss, relatedness=1.0):
-    return {"strategy": strategy, "seed": seed, "relatedness": relatedness, "target": {"accuracy": value},
-            "source": {"lm_loss": loss}, "trainable_params": 10, "total_params": 100, "seconds": 1.0}
-
-
-def test_summary_is_mean_and_std_over_seeds_per_strategy_and_relatedness():
-    entries = [entry("scratch", 0, 0.5, 2.0), entry("bitfit", 0, 0.9, 1.0),
-               entry("scratch", 1, 0.7, 2.2), entry("bitfit", 1, 0.8, 1.5),
-               entry("scratch", 0, 0.1, 3.0, relatedness=0.0)]
-    rows = R.summarize(entries, "topic")
-    assert [(r["strategy"], r["relatedness"], r["n_seeds"]) for r in rows] == [
-        ("scratch", 1.0, 2), ("bitfit", 1.0, 2), ("scratch", 0.0, 1)]  # first-seen order
-    scratch, bitfit, unrelated = rows
-    assert scratch["metric"] == "accuracy"
-    assert scratch["mean"] == pytest.approx(np.mean([0.5, 0.7]))
-    assert scratch["std"] == pytest.approx(np.std([0.5, 0.7]))
-    assert bitfit["std"] == pytest.approx(np.std([0.9, 0.8]))
-    assert bitfit["source_lm_loss_mean"] == pytest.approx(1.25)
-    assert bitfit["source_lm_loss_std"] == pytest.approx(np.std([1.0, 1.5]))
-    assert unrelated["mean"] == pytest.approx(0.1) and unrelated["std"] == 0.0
-
-
-def test_summary_uses_the_primary_metric_of_the_task():
-    entries = [{**entry("scratch", s, 0.0, 1.0), "target": {"mse": m, "mae": 0.5}}
-               for s, m in ((0, 0.02), (1, 0.04))]
-    (row,) = R.summarize(entries, "score")
-    assert row["metric"] == "mse" and row["mean"] == pytest.approx(0.03)
-
-
-def test_table_has_a_row_per_strategy_and_the_pretrained_loss():
-    rows = R.summarize([entry("scratch", 0, 0.5, 2.0), entry("full_finetune", 0, 0.75, 2.5)], "topic")
-    text = R.table(rows, 2.125)
-    lines = text.splitlines()
-    assert "accuracy (test)" in lines[0]
-    assert [line.split()[0] for line in lines[2:4]] == ["scratch", "full_finetune"]
-    assert "0.7500" in lines[3] and "2.5000" in lines[3]
-    assert lines[-1].endswith("2.1250)")
-    assert "before any transfer" not in R.table(rows, None)
-
-
 # ---------------------------------------------------------------------- atomic results file
 
 
-def test_write_json_atomic_round_trips(tmp_path):
-    path = tmp_path / "deep" / "results.json"
-    R.write_json_atomic(path, {"results": [{"x": 1.5}]})
-    assert json.loads(path.read_text()) == {"results": [{"x": 1.5}]}
-    assert os.listdir(path.parent) == ["results.json"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not 0600
-
-
-def _dump_half_then_fail(obj, f, **kwargs):
-    f.write(json.dumps(obj, **kwargs)[:20])  # part of the new file is written ...
-    f.flush()
-    raise OSError("disk full")  # ... then the write fails
-
-
-def test_a_failing_write_leaves_the_earlier_file_and_no_temporary(tmp_path, monkeypatch):
-    path = tmp_path / "results.json"
-    R.write_json_atomic(path, {"results": ["earlier"]})
-    earlier = path.read_bytes()
-    monkeypatch.setattr(R.json, "dump", _dump_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
-        R.write_json_atomic(path, {"results": ["later"] * 100})
-    assert path.read_bytes() == earlier
-    assert os.listdir(tmp_path) == ["results.json"]
-
-
+@pytest.mark.slow  # two whole runs
 def test_a_run_whose_results_write_fails_keeps_the_earlier_results(pre, tmp_path, monkeypatch):
     config = fresh(pre, tmp_path, **{"runner.strategies": ["feature_extractor"]})
     assert R.run(config) == 0
@@ -145,7 +77,7 @@ def test_a_run_whose_results_write_fails_keeps_the_earlier_results(pre, tmp_path
     for made in (out, tmp_path / "out.png"):  # as open() would make them, not mkstemp's 0600
         assert made.stat().st_mode & 0o777 == 0o666 & ~umask
     assert json.loads(earlier)["results"][0]["strategy"] == "feature_extractor"
-    monkeypatch.setattr(R.json, "dump", _dump_half_then_fail)
+    monkeypatch.setattr(fileio.json, "dump", dump_half_then_fail)
     with pytest.raises(OSError):
         R.run(replace_in(config, "runner.seeds", [0, 1]))
     assert out.read_bytes() == earlier
@@ -309,19 +241,3 @@ def test_resume_refuses_a_pretrained_checkpoint(pre):
     config, path, _ = pre
     with pytest.raises(ValueError, match="not a fine-tuning run checkpoint"):
         R.run(config, resume=str(path))
-
-
-# ---------------------------------------------------------------------- progress line
-
-
-def test_progress_line_only_when_enabled():
-    import io
-
-    quiet, loud = io.StringIO(), io.StringIO()
-    R.Progress("x", 4, enabled=False, stream=quiet).update(4, 1.0, 1e-3)
-    bar = R.Progress("full_finetune (seed 0)", 4, enabled=True, stream=loud)
-    bar.update(4, 0.5, 1e-3)
-    assert quiet.getvalue() == ""
-    text = loud.getvalue()
-    assert "full_finetune (seed 0)" in text and "4/4" in text and "0.5000" in text
-    assert text.endswith("\n") and math.isfinite(float(text.split("loss")[1].split()[0]))

@@ -3,8 +3,11 @@ ReduceLROnPlateau for the plateau rule, and JSON-able state dicts."""
 import json
 import math
 
+import numpy as np
 import pytest
 
+from reference import import_torch, leaves, step_beside_torch
+from transferlab.optim import SGD
 from transferlab.schedules import (
     Constant,
     ReduceOnPlateau,
@@ -137,19 +140,27 @@ def test_plateau_skips_a_cut_smaller_than_eps():
     ("max", dict(patience=1, factor=0.3, min_lr=0.0, threshold=1e-2)),
 ])
 def test_plateau_matches_torch(mode, kwargs):
-    torch = pytest.importorskip("torch")
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.8)
-    theirs = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, **kwargs)
+    """Each metric goes to our schedule and to torch's ReduceLROnPlateau; the rates agree
+    exactly, and SGD stepped at them (ours and torch's) gives the same parameters."""
+    torch = import_torch()
+    params = {"w": np.zeros(3)}
+    tparams = leaves(params)
+    opt, topt = SGD(params, lr=0.8), torch.optim.SGD(list(tparams.values()), lr=0.8)
+    theirs = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, mode=mode, **kwargs)
     ours = ReduceOnPlateau(lr=0.8, mode=mode, **kwargs)
     metrics = [1.0, 0.9, 0.9, 0.8999, 0.95, 0.91, 0.85, 0.86, 0.86, 0.86, 0.86, 0.70, 0.7,
                0.7, 0.71, 0.69, 0.69, 0.69, 0.69, 0.69, 0.69, 0.69, 0.69, 0.69]
     if mode == "max":
         metrics = [1.0 - m for m in metrics]
     lrs = []
-    for m in metrics:
-        theirs.step(m)
-        lrs.append(ours.step(m))
-        assert lrs[-1] == opt.param_groups[0]["lr"]
+
+    def report_metric(step):
+        theirs.step(metrics[step])
+        lrs.append(ours.step(metrics[step]))
+        assert lrs[-1] == topt.param_groups[0]["lr"]
+        opt.lr = lrs[-1]
+
+    step_beside_torch(opt, topt, params, tparams, steps=len(metrics), before_step=report_metric)
     assert len(set(lrs)) >= 3  # the sequence did trigger cuts
 
 

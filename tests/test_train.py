@@ -24,7 +24,8 @@ from transferlab.config import FreezeThenUnfreezeConfig, StrategiesConfig
 from transferlab.losses import IGNORE_INDEX
 from transferlab.strategies import Phase, Plan, build_plan
 from transferlab.tasks import Split, TaskSpec, make_target
-from transferlab.train import Data, Settings, TrainingError, auc, evaluate, metrics, train
+from transferlab.config import TrainingConfig
+from transferlab.train import Data, TrainingError, auc, evaluate, metrics, train
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -54,9 +55,10 @@ def tiny(kind="topic", dropout=0.1, seed=0) -> GPT:
     return GPT(cfg, seed=seed)
 
 
-def settings(**changes) -> Settings:
-    base = dict(steps=12, batch_size=8, lr=1e-2, weight_decay=0.1, eval_every=3)
-    return Settings(**{**base, **changes})
+def settings(**changes) -> TrainingConfig:
+    base = dict(steps=12, batch_size=8, lr=1e-2, weight_decay=0.1, eval_every=3, warmup_steps=0,
+                patience=0)
+    return TrainingConfig(**{**base, **changes})
 
 
 def snapshot(model) -> dict:
@@ -178,7 +180,7 @@ def test_no_feature_cache_when_layernorms_stay_trainable():
     model = tiny()
     before = snapshot(model)
     result = train(model, target(), build_plan("feature_extractor", 12, L, KNOBS),
-                   settings(layernorm_trainable=True))
+                   settings(layernorm_trainable_when_frozen=True))
     assert result.cache is None
     assert not np.array_equal(model.params["h.0.ln_1.weight"], before["h.0.ln_1.weight"])
     assert np.array_equal(model.params["h.0.attn.c_attn.weight"], before["h.0.attn.c_attn.weight"])
@@ -375,8 +377,9 @@ def test_feature_extractor_changes_no_backbone_parameter():
 def test_sparse_mask_trains_exactly_keep_fraction_of_the_backbone():
     model = tiny()
     before = snapshot(model)
-    result = train(model, target(), build_plan("sparse_mask", 12, L, KNOBS),
-                   settings(keep_fraction=0.05))
+    plan = build_plan("sparse_mask", 12, L, KNOBS)
+    assert plan.keep_fraction == 0.05  # from the strategies.sparse_mask section
+    result = train(model, target(), plan, settings())
     k = round(0.05 * BACKBONE)  # 352 of 7,040
     assert result.trainable_params == k + HEAD
     kept = moved = 0

@@ -21,10 +21,10 @@ replaced by a placeholder {"__array__": "optim/..."} naming its archive entry, a
 loading puts them back. Nothing is ever pickled: the file is loaded with
 `allow_pickle=False`, so opening a checkpoint cannot run code.
 
-Writing is atomic: the archive goes to a temporary file in the same directory, is
-flushed and fsync'ed, and only then renamed onto `path` with `os.replace` (a rename
-within one file system is atomic). A crash or an exception mid-write leaves the earlier
-checkpoint at `path` byte-identical.
+Writing is atomic (`fileio.atomic_open`): the archive goes to a temporary file in the
+same directory, is flushed and fsync'ed, and only then renamed onto `path` with
+`os.replace` (a rename within one file system is atomic). A crash or an exception
+mid-write leaves the earlier checkpoint at `path` byte-identical.
 
 Two ways to use a checkpoint:
   - transfer: `load_into(model, path, include=..., rename=..., resize=...)` copies some
@@ -43,20 +43,19 @@ import hashlib
 import json
 import os
 import platform
-import secrets
 import zipfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .fileio import atomic_open  # the one atomic writer (fileio.py)
 from .model import GPT, GPTConfig
 from .weights import LoadReport
 
-__all__ = ["FORMAT", "VERSION", "CheckpointError", "Checkpoint", "atomic_open", "save_checkpoint",
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "Checkpoint", "save_checkpoint",
            "load_checkpoint", "model_from_checkpoint", "load_into", "resume", "file_sha256"]
 
 FORMAT = "transferlab-checkpoint"
@@ -239,37 +238,6 @@ def _write_atomic(path: str, entries: Mapping[str, np.ndarray]) -> str:
     with atomic_open(path) as f:
         np.savez(f, **entries)
     return file_sha256(path)
-
-
-@contextmanager
-def atomic_open(path, mode: str = "wb"):
-    """Write `path` whole or not at all: every file transferlab writes goes through here.
-
-    Yields a file opened on a temporary name in the same directory (so the rename stays
-    atomic). When the block ends without error the bytes are flushed and fsync'ed and only
-    then renamed onto `path`; on any exception (KeyboardInterrupt too) the temporary file
-    is removed and an earlier file at `path` stays byte-identical.
-    """
-    path = os.fspath(path)
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, mode.replace("w", "x")) as f:  # "x": never reuse an existing name
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------------- loading

@@ -113,24 +113,16 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """Language-model pretraining on the source task (done once, then cached)."""
-    steps: int = knob(600, "optimizer steps", ge=1)
-    batch_size: int = knob(32, "sequences per step", ge=1)
-    lr: float = knob(3e-3, "peak learning rate (warmup, then cosine decay)", gt=0)
-    warmup_steps: int = knob(50, "linear warmup steps", ge=0)
-    weight_decay: float = knob(0.1, "AdamW decoupled weight decay (2-D weights only)", ge=0)
-    grad_clip: float = knob(1.0, "clip the global gradient norm to this", gt=0)
-    eval_every: int = knob(100, "steps between validation evaluations", ge=1)
+class TrainingConfig:
+    """The knobs of one training run (train.train reads them), declared once.
 
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Training on the target task: shared by every strategy."""
+    Pretraining and fine-tuning are both training runs: their sections (PretrainConfig,
+    FinetuneConfig) are this one with other defaults, built by `with_defaults`.
+    """
     steps: int = knob(300, "optimizer steps", ge=1)
     batch_size: int = knob(16, "examples per step", ge=1)
-    lr: float = knob(1e-3, "base learning rate (strategies scale it)", gt=0)
-    weight_decay: float = knob(0.01, "AdamW decoupled weight decay", ge=0)
+    lr: float = knob(1e-3, "peak learning rate (strategies scale it)", gt=0)
+    weight_decay: float = knob(0.01, "AdamW decoupled weight decay (2-D weights only)", ge=0)
     grad_clip: float = knob(1.0, "clip the global gradient norm to this", gt=0)
     eval_every: int = knob(25, "steps between validation evaluations", ge=1)
     schedule: str = knob("warmup_cosine", "learning-rate schedule of strategies that do not "
@@ -141,15 +133,41 @@ class FinetuneConfig:
     plateau_factor: float = knob(0.5, "plateau: the rate is multiplied by this", gt=0, lt=1)
     patience: int = knob(4, "early stopping after this many evaluations without "
                             "improvement; 0 = off", ge=0)
+    optimizer: str = knob("adamw", "optimizer", choices=("adamw", "sgd"))
+    momentum: float = knob(0.9, "SGD momentum", ge=0, lt=1)
+    layernorm_trainable_when_frozen: bool = knob(False, "keep LayerNorms of frozen blocks "
+                                                        "trainable (fastai does)")
+
+
+def with_defaults(cls, name, doc, **defaults):
+    """A subclass of the dataclass `cls` whose knobs keep their docs and rules but start
+    at other defaults: one declaration of each knob serves several sections."""
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name in defaults:
+            fields.append((f.name, f.type, field(default=defaults.pop(f.name), metadata=f.metadata)))
+    if defaults:
+        raise TypeError(f"{name}: {cls.__name__} has no knob {', '.join(defaults)}")
+    return dataclasses.make_dataclass(name, fields, bases=(cls,), frozen=True,
+                                      namespace={"__doc__": doc, "__module__": __name__})
+
+
+PretrainConfig = with_defaults(
+    TrainingConfig, "PretrainConfig",
+    "Language-model pretraining on the source task (done once, then cached).",
+    steps=600, batch_size=32, lr=3e-3, warmup_steps=50, weight_decay=0.1, eval_every=100,
+    patience=0)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainingConfig):
+    """Training on the target task: the training knobs (TrainingConfig's defaults), and the
+    new head's knobs. Shared by every strategy."""
     pooling: str = knob("mean", "sequence pooling", choices=POOLINGS)
     attention: str = knob("bidirectional", "attention mask of the target heads",
                           choices=("causal", "bidirectional"))
     label_smoothing: float = knob(0.0, "classification label smoothing eps", ge=0, lt=1)
     head_hidden: int = knob(0, "0 = linear head, else the hidden width of an MLP head", ge=0)
-    optimizer: str = knob("adamw", "optimizer", choices=("adamw", "sgd"))
-    momentum: float = knob(0.9, "SGD momentum", ge=0, lt=1)
-    layernorm_trainable_when_frozen: bool = knob(False, "keep LayerNorms of frozen blocks "
-                                                        "trainable (fastai does)")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Logging: a concise console and a rotating log file, both on the "transferlab" logger.
 
-Modules log with `logging.getLogger(__name__)` (names under "transferlab."), so their
-records reach the two handlers set up here:
+Modules log with `logging.getLogger("transferlab")` (main.py with its child
+"transferlab.main"), so their records reach the two handlers set up here:
 
     setup_logging(level="INFO", file="logs/transferlab.log")
 

@@ -4,60 +4,28 @@
            -> for each seed and strategy: load, switch head, apply the plan, train on the target
            -> metrics (target test split; source LM loss of the adapted backbone) -> results
 
-`run(config)` writes the results JSON (atomically), prints a comparison table (mean +- std
-over seeds) and saves a plot. `--sweep relatedness` repeats the comparison for each value
-of task.relatedness. See docs/README.md and docs/results.md.
+`run(config)` writes the results JSON (atomically, fileio.py), prints a comparison table
+(mean +- std over seeds) and saves a plot (both from report.py). `--sweep relatedness`
+repeats the comparison for each value of task.relatedness. See docs/README.md and
+docs/results.md.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 from . import checkpoint as C
 from . import strategies as S
 from .config import config_hash, replace_in
+from .fileio import write_json_atomic
 from .model import GPT, GPTConfig
+from .report import Progress, plot, summarize, table
 from .tasks import TaskSpec, append_cls, make_source, make_target, task_kind
-from .train import Data, Settings, evaluate, lm_split, train
+from .train import Data, evaluate, lm_split, train
 
 log = logging.getLogger("transferlab")
-
-
-# ---------------------------------------------------------------------- progress display
-
-
-class Progress:
-    """One status line on stderr: what runs, step, loss, rate and time left."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True, stream=None):
-        self.label, self.total, self.stream = label, total, stream or sys.stderr
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-        self.last_draw = 0.0
-
-    def update(self, step: int, loss: float, lr: float) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last_draw < 0.1 and step < self.total):
-            return
-        self.last_draw = now
-        rate = step / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else 0.0
-        self.stream.write(f"\r{self.label:<28} {step:>5}/{self.total} loss {loss:7.4f} "
-                          f"lr {lr:.2e} {rate:6.0f} it/s eta {eta:4.1f}s ")
-        if step >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -93,11 +61,9 @@ def pretrain(config, spec: TaskSpec, path: Path, progress: bool) -> dict:
     source = make_source(spec)
     model = GPT(backbone_config(config, spec), seed=config.seed)
     data = Data("lm", lm_split(source.train), lm_split(source.val))
-    settings = Settings(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                        grad_clip=p.grad_clip, eval_every=p.eval_every, warmup_steps=p.warmup_steps)
     plan = S.Plan("pretrain", pretrained=False, phases=(S.Phase(0, "all"),))
     bar = Progress("pretrain (source LM)", p.steps, progress)
-    result = train(model, data, plan, settings, seed=config.seed, progress=bar)
+    result = train(model, data, plan, p, seed=config.seed, progress=bar)
     log.info("pretrained in %.1fs: source val loss %.4f (best at step %d)",
              result.seconds, result.best["loss"], result.best_step)
     C.save_checkpoint(path, model, step=result.steps_run,
@@ -147,21 +113,9 @@ def source_lm_loss(model, pretrained, source_val) -> float:
     return evaluate(lm, "lm", lm_split(source_val))["loss"]
 
 
-def settings_for(config, plan) -> Settings:
-    f = config.finetune
-    return Settings(steps=f.steps, batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay,
-                    grad_clip=f.grad_clip, eval_every=f.eval_every, patience=f.patience,
-                    optimizer=f.optimizer, momentum=f.momentum, schedule=f.schedule,
-                    warmup_steps=f.warmup_steps, plateau_patience=f.plateau_patience,
-                    plateau_factor=f.plateau_factor,
-                    layernorm_trainable=f.layernorm_trainable_when_frozen,
-                    keep_fraction=config.strategies.sparse_mask.keep_fraction,
-                    fisher_batches=config.strategies.sparse_mask.fisher_batches)
-
-
 def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: bool,
             resume: str | None = None, checkpoint: str | None = None) -> dict:
-    """One strategy, one seed: a results entry as DESIGN.md describes it."""
+    """One strategy, one seed: one entry of the results JSON's `results` list (docs/API.md, Runner)."""
     spec = task_spec(config)
     kind = config.task.target
     target = make_target(kind, spec, seed=seed)
@@ -172,7 +126,7 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
         splits = [append_cls(s, model.config.cls_id) for s in splits]
     data = Data(kind, *splits)
     bar = Progress(f"{strategy} (seed {seed})", config.finetune.steps, progress)
-    result = train(model, data, plan, settings_for(config, plan), seed=seed, progress=bar,
+    result = train(model, data, plan, config.finetune, seed=seed, progress=bar,
                    checkpoint=checkpoint, resume=resume,
                    extra={"kind": "finetune", "strategy": strategy, "seed": seed, "task": kind,
                           "relatedness": config.task.relatedness})
@@ -193,106 +147,6 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
              task_kind(kind).metric, test[task_kind(kind).metric], entry["source"]["lm_loss"],
              entry["trainable_params"], entry["total_params"], entry["seconds"])
     return entry
-
-
-# ---------------------------------------------------------------------- summary
-
-
-def summarize(entries: list[dict], kind: str) -> list[dict]:
-    """Mean and std over seeds per strategy (and relatedness)."""
-    metric = task_kind(kind).metric
-    rows, order = {}, []
-    for e in entries:
-        key = (e["strategy"], e["relatedness"])
-        if key not in rows:
-            rows[key], _ = [], order.append(key)
-        rows[key].append(e)
-    out = []
-    for strategy, relatedness in order:
-        group = rows[(strategy, relatedness)]
-        values = np.array([e["target"][metric] for e in group])
-        source = np.array([e["source"]["lm_loss"] for e in group])
-        out.append({
-            "strategy": strategy, "relatedness": relatedness, "metric": metric, "n_seeds": len(group),
-            "mean": float(values.mean()), "std": float(values.std()),
-            "source_lm_loss_mean": float(source.mean()), "source_lm_loss_std": float(source.std()),
-            "trainable_params": group[0]["trainable_params"], "total_params": group[0]["total_params"],
-            "seconds_mean": float(np.mean([e["seconds"] for e in group])),
-        })
-    return out
-
-
-def table(summary: list[dict], pretrained_loss: float | None) -> str:
-    """The comparison table printed at the end of a run."""
-    metric = summary[0]["metric"]
-    head = (f"{'strategy':<21} {'relat.':>6} {metric + ' (test)':>17} {'source LM loss':>17} "
-            f"{'trainable':>10} {'of':>8} {'sec':>6}")
-    lines = [head, "-" * len(head)]
-    for r in summary:
-        lines.append(
-            f"{r['strategy']:<21} {r['relatedness']:>6.2f} {r['mean']:>9.4f} +- {r['std']:<5.3f}"
-            f"{r['source_lm_loss_mean']:>10.4f} +- {r['source_lm_loss_std']:<5.3f}"
-            f"{r['trainable_params']:>10,} {r['total_params']:>8,} {r['seconds_mean']:>6.2f}")
-    if pretrained_loss is not None:
-        lines.append(f"(source LM loss of the pretrained model before any transfer: {pretrained_loss:.4f})")
-    return "\n".join(lines)
-
-
-def write_json_atomic(path, obj) -> None:
-    """Write JSON through checkpoint.atomic_open: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with C.atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=True)
-
-
-def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool) -> None:
-    """Learning curves per strategy and the final metric per strategy (or vs relatedness)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = task_kind(kind).metric
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    strategies = list(dict.fromkeys(e["strategy"] for e in entries))
-    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(strategies)}
-    top_r = max(e["relatedness"] for e in entries)
-    for s in strategies:
-        curves = [e["history"] for e in entries if e["strategy"] == s and e["relatedness"] == top_r]
-        steps = [h["step"] for h in curves[0]]
-        n = min(len(c) for c in curves)
-        vals = np.array([[h[metric] for h in c[:n]] for c in curves]).mean(axis=0)
-        ax1.plot(steps[:n], vals, label=s, color=colors[s])
-    ax1.set_xlabel("step")
-    ax1.set_ylabel(f"validation {metric}")
-    ax1.set_title(f"learning curves ({kind}, relatedness {top_r:g}, mean over seeds)")
-    ax1.legend(fontsize=7)
-    if sweep:
-        for s in strategies:
-            rows = [r for r in summary if r["strategy"] == s]
-            ax2.errorbar([r["relatedness"] for r in rows], [r["mean"] for r in rows],
-                         yerr=[r["std"] for r in rows], marker="o", capsize=3, label=s, color=colors[s])
-        ax2.set_xlabel("relatedness")
-        ax2.legend(fontsize=7)
-        ax2.set_title(f"test {metric} vs relatedness")
-    else:
-        rows = [r for r in summary if r["relatedness"] == top_r]
-        ax2.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["std"] for r in rows],
-                color=[colors[r["strategy"]] for r in rows], capsize=3)
-        ax2.set_xticks(range(len(rows)), [r["strategy"] for r in rows], rotation=35, ha="right", fontsize=8)
-        ax2.set_title(f"test {metric} (mean +- std over seeds)")
-        low = min(r["mean"] - r["std"] for r in rows)
-        ax2.set_ylim(bottom=max(0.0, low - 0.1 * abs(low)))  # start near the data: gaps stay visible
-    ax2.set_ylabel(f"test {metric}")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with C.atomic_open(path) as f:
-            fig.savefig(f, format="png", dpi=110)
-    finally:
-        plt.close(fig)
 
 
 # ---------------------------------------------------------------------- entry point

@@ -14,8 +14,10 @@ which schedule it was trained with. The one schedule with memory is `ReduceOnPla
 which reacts to evaluation metrics and keeps its counters in its state dict.
 
 `TransferSchedule` wraps any of them with the two transfer-learning knobs: a multiplier
-for the new head's rate, and a frozen backbone until `unfreeze_at_iteration`. The
-training loop applies `multipliers(step)` through `opt.lr_scale` and the masks.
+for the new head's rate, and a frozen backbone until `unfreeze_at_iteration`. It is a
+standalone schedule: the training loop (train.py) does not use it. The strategies express
+the same two knobs through plans (strategies.py: the `freeze_then_unfreeze` plan's phases
+and per-group rate multipliers); `TransferSchedule` shows them as one schedule object.
 
 Every rate is returned as a Python float (a NumPy float64 would promote float32 arrays).
 Docs: docs/schedules.md.
@@ -276,7 +278,7 @@ class TransferSchedule:
     until `unfreeze_at_iteration`, then trains at lr * unfreeze_lr_multiplier.
     `unfreeze_at_iteration=None` means no frozen phase: the backbone trains from step 0
     (at unfreeze_lr_multiplier). A zero multiplier alone does not freeze (Adam's moments
-    would still move); the training loop must also mask the backbone while
+    would still move); a loop that uses it must also mask the backbone while
     `backbone_frozen(t)`.
     """
 

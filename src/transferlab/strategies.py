@@ -6,7 +6,7 @@ its first step on, which parameters train (a trainable *spec*, turned into masks
 group 0 the embeddings, 1..L the blocks, L + 1 ln_f and the head (see masks.py).
 
     plan = build_plan("gradual_unfreeze", steps=300, n_layer=2, knobs=config.strategies)
-    print(describe(plan))
+    print(describe(plan, 300))  # 300: the total steps, to print where each phase ends
 
 Trainable specs: "all", "head" (the head only: the backbone is frozen), "bias" (BitFit),
 "sparse" (a Fisher top-k mask plus the head), "top:K" (the top K layer groups).
@@ -39,6 +39,8 @@ class Plan:
     schedule: str | None = None  # schedules.make_schedule name; None = the configured one
     schedule_kwargs: dict = field(default_factory=dict)
     feature_cache: bool = False  # backbone frozen throughout: compute its output once
+    keep_fraction: float | None = None  # "sparse" phases: the fraction of weights that train
+    fisher_batches: int | None = None  # "sparse" phases: batches for the Fisher estimate
 
     def phase_at(self, step: int) -> Phase:
         current = self.phases[0]
@@ -104,7 +106,9 @@ def build_plan(name: str, steps: int, n_layer: int, knobs) -> Plan:
         return Plan(name, True, (frozen, thawed))
     if name == "bitfit":
         return Plan(name, True, (Phase(0, "bias"),))
-    return Plan(name, True, (Phase(0, "sparse"),))  # sparse_mask
+    sparse = knobs.sparse_mask
+    return Plan(name, True, (Phase(0, "sparse"),), keep_fraction=sparse.keep_fraction,
+                fisher_batches=sparse.fisher_batches)
 
 
 def apply_phase(model, phase: Phase, layernorm_trainable=False, fisher_batches=None, keep_fraction=None) -> dict:

@@ -31,31 +31,10 @@ from .tasks import Split, task_kind
 
 log = logging.getLogger("transferlab")
 
+EVAL_BATCH_SIZE = 256  # examples per forward pass when evaluating (memory, not results)
+
 class TrainingError(RuntimeError):
     """Training could not go on (a NaN loss); the message says where and what was kept."""
-
-
-@dataclass
-class Settings:
-    """The knobs of one training run (built from the config's pretrain/finetune sections)."""
-
-    steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    schedule: str = "warmup_cosine"  # used unless the plan names its own
-    warmup_steps: int = 0
-    plateau_patience: int = 2
-    plateau_factor: float = 0.5
-    layernorm_trainable: bool = False  # when a phase freezes the backbone
-    keep_fraction: float = 0.05  # sparse_mask
-    fisher_batches: int = 8  # sparse_mask
-    eval_batch_size: int = 256
 
 
 @dataclass
@@ -171,7 +150,7 @@ class FeatureCache:
 # ---------------------------------------------------------------------- evaluation
 
 
-def predict(model, split: Split, batch_size: int = 256, cache: FeatureCache | None = None,
+def predict(model, split: Split, batch_size: int = EVAL_BATCH_SIZE, cache: FeatureCache | None = None,
             cache_name: str | None = None) -> np.ndarray:
     """Model outputs for a whole split, in evaluation mode, batch by batch."""
     was_training = model.training
@@ -188,7 +167,7 @@ def predict(model, split: Split, batch_size: int = 256, cache: FeatureCache | No
     return np.concatenate(outs)
 
 
-def evaluate(model, kind: str, split: Split, batch_size: int = 256, cache=None, cache_name=None) -> dict:
+def evaluate(model, kind: str, split: Split, batch_size: int = EVAL_BATCH_SIZE, cache=None, cache_name=None) -> dict:
     return metrics(kind, predict(model, split, batch_size, cache, cache_name), split)
 
 
@@ -218,14 +197,16 @@ class BatchOrder:
         self.perm, self.pos = np.array(state["perm"]), state["pos"]
 
 
-def make_optimizer(model, s: Settings):
+def make_optimizer(model, s):
     if s.optimizer == "sgd":
         return SGD(model.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     return AdamW(model.params, lr=s.lr, weight_decay=s.weight_decay)
 
 
-def make_plan_schedule(plan: S.Plan, s: Settings, kind: str):
-    """The plan's own schedule (e.g. slanted triangular), else the one the settings name."""
+def make_plan_schedule(plan: S.Plan, s, kind: str):
+    """The plan's own schedule (e.g. slanted triangular), else the one `s` names.
+
+    s: a training section of the config (config.TrainingConfig: pretrain or finetune)."""
     name = plan.schedule or s.schedule
     kwargs = dict(plan.schedule_kwargs)
     if name == "warmup_cosine":
@@ -235,12 +216,15 @@ def make_plan_schedule(plan: S.Plan, s: Settings, kind: str):
     return make_schedule(name, lr_max=s.lr, total_steps=s.steps, **kwargs)
 
 
-def train(model, data: Data, plan: S.Plan, s: Settings, seed: int = 0, progress=None,
+def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
           checkpoint: str | None = None, resume: str | None = None, extra: dict | None = None) -> Result:
     """Run `plan` for s.steps steps on data.train, evaluating on data.val.
 
+    s: the run's training knobs, a config section (config.TrainingConfig: config.pretrain,
+    config.finetune, or TrainingConfig(steps=..., ...) built by hand).
+
     Keeps the best parameters by the validation metric and restores them at the end.
-    progress: an object with update(step, loss, lr) (see runner.Progress) or None.
+    progress: an object with update(step, loss, lr) (see report.Progress) or None.
     checkpoint: write a resumable checkpoint there at every evaluation (atomically).
     resume: continue from such a checkpoint; the numbers equal a run that never stopped.
     """
@@ -255,12 +239,13 @@ def train(model, data: Data, plan: S.Plan, s: Settings, seed: int = 0, progress=
 
     def fisher_batches():  # for the sparse mask: its own batch order, not the training one
         fisher_order = BatchOrder(len(data.train), s.batch_size, seed + 7919)
-        for _ in range(s.fisher_batches):
+        for _ in range(plan.fisher_batches):
             b = data.train.batch(fisher_order.next())
             yield b.x, b.y, b.mask
 
     def enter(phase):
-        opt.lr_scale = S.apply_phase(model, phase, s.layernorm_trainable, fisher_batches(), s.keep_fraction)
+        opt.lr_scale = S.apply_phase(model, phase, s.layernorm_trainable_when_frozen, fisher_batches(),
+                                     plan.keep_fraction)
         opt.masks = model.masks
         result.trainable_params = count(model)[0]
         result.trainable_by_phase.append(result.trainable_params)
@@ -289,7 +274,7 @@ def train(model, data: Data, plan: S.Plan, s: Settings, seed: int = 0, progress=
     # layernorm_trainable would get no gradient through cached features)
     head_only = lowest_trainable_depth(model) == model.config.n_layer + 2
     if plan.feature_cache and all(p.trainable == "head" for p in plan.phases) and head_only:
-        cache = FeatureCache(model, {"train": data.train, "val": data.val, "test": data.test}, s.eval_batch_size)
+        cache = FeatureCache(model, {"train": data.train, "val": data.val, "test": data.test}, EVAL_BATCH_SIZE)
 
     model.train()
     for step in range(start, s.steps):
@@ -316,7 +301,7 @@ def train(model, data: Data, plan: S.Plan, s: Settings, seed: int = 0, progress=
 
         if (step + 1) % s.eval_every and step + 1 != s.steps:
             continue
-        val = evaluate(model, kind, data.val, s.eval_batch_size, cache, "val")
+        val = evaluate(model, kind, data.val, EVAL_BATCH_SIZE, cache, "val")
         result.history.append({"step": step + 1, "train_loss": loss, "lr": opt.lr, **val})
         if is_better(kind, val[metric], result.best.get(metric)):
             result.best, result.best_step, bad_evals = val, step + 1, 0
