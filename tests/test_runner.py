@@ -241,3 +241,29 @@ def test_resume_refuses_a_pretrained_checkpoint(pre):
     config, path, _ = pre
     with pytest.raises(ValueError, match="not a fine-tuning run checkpoint"):
         R.run(config, resume=str(path))
+
+
+# ---------------------------------------------------------------------- references in the results
+
+
+def test_results_carry_the_baselines_and_the_optimal_source_loss(pre, tmp_path):
+    """Every result is judged against chance, the count baseline and the Bayes ceiling on
+    the same test splits, and the pretrained model against the optimal source LM loss."""
+    from transferlab.baselines import baselines_for, source_reference
+    from transferlab.tasks import make_target
+
+    config = fresh(pre, tmp_path, **{"runner.strategies": ["feature_extractor"], "runner.seeds": [0, 1]})
+    assert R.run(config) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    refs = out["baselines"]
+    assert sorted((e["name"], e["seed"]) for e in refs) == sorted(
+        (name, seed) for name in ("chance", "count", "bayes") for seed in (0, 1))
+    spec = R.task_spec(config)
+    want = baselines_for("topic", spec, make_target("topic", spec, seed=1), 1)
+    got = [e for e in refs if e["seed"] == 1]
+    assert got == want  # the test split of seed 1, the runs' own
+    for e in refs:
+        assert e["task"] == "topic" and e["relatedness"] == 1.0 and 0.0 <= e["target"]["accuracy"] <= 1.0
+    pre_info = out["pretrained"]
+    assert pre_info["optimal_lm_loss"] == pytest.approx(source_reference(spec)["optimal_lm_loss"])
+    assert pre_info["source_lm_loss"] > pre_info["optimal_lm_loss"]  # a 10-step LM is far from it

@@ -21,7 +21,8 @@ from . import strategies as S
 from .config import config_hash, replace_in
 from .fileio import write_json_atomic
 from .model import GPT, GPTConfig
-from .report import Progress, plot, summarize, table
+from .baselines import baselines_for, source_reference
+from .report import Progress, plot, summarize, summarize_references, table
 from .tasks import TaskSpec, append_cls, make_source, make_target, task_kind
 from .train import Data, evaluate, lm_split, train
 
@@ -152,6 +153,17 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
 # ---------------------------------------------------------------------- entry point
 
 
+def reference_entries(config, relatedness_values) -> list[dict]:
+    """Chance, the count baseline and the Bayes ceiling on the test split of every
+    (relatedness, seed) the strategies ran on (baselines.py): what a result is judged against."""
+    kind, out = config.task.target, []
+    for value in relatedness_values:
+        spec = task_spec(replace_in(config, "task.relatedness", float(value)))
+        for seed in config.runner.seeds:
+            out += baselines_for(kind, spec, make_target(kind, spec, seed=seed), seed)
+    return out
+
+
 def ensure_pretrained(config, pretrained: str | None, progress: bool):
     """The pretrained checkpoint: the one given, the cached one, or a new one."""
     spec = task_spec(config)
@@ -192,6 +204,7 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
     spec = task_spec(config)
     source_val = make_source(spec).val
     pre_info["source_lm_loss"] = source_lm_loss(C.model_from_checkpoint(pretrained), pretrained, source_val)
+    pre_info["optimal_lm_loss"] = source_reference(spec)["optimal_lm_loss"]
     values = config.runner.sweep_values if sweep == "relatedness" else (config.task.relatedness,)
     entries = []
     for value in values:
@@ -210,14 +223,17 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
                 ckpt_path.unlink(missing_ok=True)
     kind = config.task.target
     summary = summarize(entries, kind)
+    references = reference_entries(config, values)
     out = {
-        "config": config.to_dict(), "sweep": sweep, "pretrained": pre_info,
-        "summary": summary, "results": entries, "seconds": round(time.perf_counter() - t0, 2),
+        "config": config.to_dict(), "sweep": sweep, "pretrained": pre_info, "summary": summary,
+        "baselines": references, "results": entries, "seconds": round(time.perf_counter() - t0, 2),
     }
     write_json_atomic(config.runner.output, out)
-    print(table(summary, pre_info["source_lm_loss"]))
+    print(table(summary, pre_info["source_lm_loss"], summarize_references(references, kind),
+                pre_info["optimal_lm_loss"]))
     try:
-        plot(config.runner.plot, entries, summary, kind, sweep == "relatedness")
+        plot(config.runner.plot, entries, summary, kind, sweep == "relatedness", references,
+             pre_info["source_lm_loss"], pre_info["optimal_lm_loss"])
         print(f"results: {config.runner.output}   plot: {config.runner.plot}")
     except ImportError:
         print(f"results: {config.runner.output}   (no plot: matplotlib is not installed)")
