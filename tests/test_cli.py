@@ -123,7 +123,7 @@ def test_config_error_is_one_line_exit_2(tmp_path):
 @pytest.mark.parametrize("args, reason", [
     (["--task", "regression"], "argument --task: unknown task 'regression' "
                                "(choose from topic, binary, tagging, score)"),
-    (["--strategy", "bitfit", "lora"], "argument --strategy: unknown strategy 'lora' "
+    (["--strategy", "bitfit", "adapters"], "argument --strategy: unknown strategy 'adapters' "
                                        "(choose from " + ", ".join(STRATEGY_NAMES) + ", all)"),
     (["--set", "finetune.lr"], "argument --set: 'finetune.lr': expected section.key=value, "
                                "e.g. finetune.lr=3e-4"),

@@ -88,7 +88,7 @@ def test_config_is_frozen_and_json_able():
 
 
 def test_strategy_names():
-    assert len(STRATEGY_NAMES) == 9 and "all" not in STRATEGY_NAMES
+    assert len(STRATEGY_NAMES) == 10 and "all" not in STRATEGY_NAMES
     assert "sparse_mask" in STRATEGY_NAMES and "scratch" in STRATEGY_NAMES
 
 
@@ -240,9 +240,9 @@ BAD_VALUES = [
      "config.yaml: runner.seeds[1] must be an integer, got str 'x'"),
     ("runner:\n  seeds: 3\n", "config.yaml: runner.seeds must be a list of integers, got int 3"),
     ("runner:\n  seeds: []\n", "config.yaml: runner.seeds must not be empty"),
-    ("runner:\n  strategies: [bitfit, lora]\n",
+    ("runner:\n  strategies: [bitfit, adapters]\n",
      "config.yaml: runner.strategies[1] must be one of " + ", ".join(STRATEGY_NAMES)
-     + ", all, got 'lora'"),
+     + ", all, got 'adapters'"),
     ("runner:\n  sweep_values: [0.5, 2]\n",
      "config.yaml: runner.sweep_values[1] must be in [0, 1], got 2.0"),
     ("runner:\n  output: ''\n", "config.yaml: runner.output must not be empty"),

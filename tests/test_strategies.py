@@ -14,7 +14,7 @@ from transferlab.config import (DiscriminativeLRConfig, FreezeThenUnfreezeConfig
 from transferlab.strategies import STRATEGIES, Phase, Plan, apply_phase, build_plan, describe
 
 NAMES = ["scratch", "feature_extractor", "head_finetune", "full_finetune", "gradual_unfreeze",
-         "discriminative_lr", "freeze_then_unfreeze", "bitfit", "sparse_mask"]
+         "discriminative_lr", "freeze_then_unfreeze", "bitfit", "sparse_mask", "lora"]
 KNOBS = StrategiesConfig()  # defaults: backbone x0.1, decay 2.6, unfreeze at 100 at x0.1, ...
 STEPS, L = 300, 2  # 2 blocks: 4 layer groups (embeddings, h.0, h.1, ln_f + head)
 # ULMFiT's rates bottom to top: the top group at 1, each group below at the rate above / 2.6
@@ -58,10 +58,11 @@ EXPECTED = {
                              [(0, "head", (0.0, 0.0, 0.0, 1.0)), (100, "all", (0.1, 0.1, 0.1, 1.0))]),
     "bitfit": (True, None, False, [(0, "bias", ())]),
     "sparse_mask": (True, None, False, [(0, "sparse", ())]),
+    "lora": (True, None, False, [(0, "lora", ())]),
 }
 
 
-def test_the_nine_strategies():
+def test_the_ten_strategies():
     assert list(STRATEGIES) == NAMES == list(EXPECTED)
 
 
@@ -132,8 +133,8 @@ def test_phase_at_follows_the_starts():
 
 
 def test_unknown_strategy_is_refused_with_the_known_names():
-    with pytest.raises(ValueError, match="unknown strategy 'lora'") as caught:
-        build_plan("lora", STEPS, L, KNOBS)
+    with pytest.raises(ValueError, match="unknown strategy 'adapters'") as caught:
+        build_plan("adapters", STEPS, L, KNOBS)
     for name in NAMES:
         assert name in str(caught.value)
 
@@ -225,3 +226,57 @@ def test_describe_of_a_hand_made_plan():
     assert "random init" in text
     assert re.findall(r"steps\s+(\d+)-(\d+)\s+train (\S+)", text) == [("0", "3", "top:1"),
                                                                        ("4", "9", "all")]
+
+
+# ---------------------------------------------------------------------- LoRA as a strategy
+
+
+def test_lora_strategy_trains_only_the_adapters_and_the_head():
+    """PEFT's semantics: the pretrained weights never move, the model starts at the
+    pretrained function (B = 0), and r * (in + out) numbers per adapted matrix train."""
+    from transferlab import lora
+    from transferlab.config import LoraConfig, StrategiesConfig
+
+    knobs = StrategiesConfig(lora=LoraConfig(r=2, alpha=4.0, targets=("attn.c_attn", "mlp.c_fc")))
+    plan = build_plan("lora", 10, 2, knobs)
+    assert plan.lora == {"r": 2, "alpha": 4.0, "dropout": 0.0, "targets": ("attn.c_attn", "mlp.c_fc")}
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, head="sequence",
+                          n_classes=3, dtype="float64"), seed=0)
+    idx = np.random.default_rng(0).integers(0, 11, (4, 8))
+    before, _ = model(idx)
+    lora.attach(model, seed=0, **plan.lora)
+    after, _ = model(idx)
+    np.testing.assert_array_equal(after, before)  # B = 0: exactly the pretrained function
+    apply_phase(model, plan.phases[0])
+    C = 8
+    per_layer = 2 * (C + 3 * C) + 2 * (C + 4 * C)  # c_attn (C -> 3C) and c_fc (C -> 4C)
+    head = C * 3 + 3
+    assert M.count(model)[0] == 2 * per_layer + head
+    trainable = {n for n in model.params if not M.is_frozen(model, n)}
+    assert trainable == set(lora.adapter_names(model.params)) | {"seq_head.weight", "seq_head.bias"}
+
+
+def test_lora_gradients_through_the_model_match_finite_differences():
+    from gradcheck import tensor_rel_error
+    from transferlab import lora
+
+    model = GPT(GPTConfig(vocab_size=7, block_size=5, n_layer=2, n_head=2, n_embd=8, head="sequence",
+                          n_classes=3, dtype="float64"), seed=1)
+    lora.attach(model, r=2, alpha=3.0, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    rng = np.random.default_rng(2)
+    for name in lora.adapter_names(model.params):  # B = 0 would make dA exactly 0: move off it
+        model.params[name][...] = rng.standard_normal(model.params[name].shape) * 0.3
+    idx, y = rng.integers(0, 7, (3, 5)), rng.integers(0, 3, 3)
+    model(idx, y)
+    grads = model.backward()
+    for name in ("h.0.attn.c_attn.lora_A", "h.1.mlp.c_proj.lora_B", "h.0.mlp.c_fc.lora_B"):
+        p, num = model.params[name], np.zeros_like(model.params[name])
+        for i in np.ndindex(p.shape):
+            old = p[i]
+            p[i] = old + 1e-6
+            plus = model(idx, y)[1]
+            p[i] = old - 1e-6
+            minus = model(idx, y)[1]
+            p[i] = old
+            num[i] = (plus - minus) / 2e-6
+        assert tensor_rel_error(grads[name], num) < 1e-5, name  # the whole-model tolerance (STYLE.md)

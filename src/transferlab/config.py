@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from .heads import POOLINGS
+from .lora import TARGETS as LORA_TARGETS
 from .schedules import CONFIGURABLE as SCHEDULE_NAMES
 from .strategies import STRATEGIES
 from .tasks import TARGET_KINDS
@@ -203,6 +204,17 @@ class SparseMaskConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    r: int = knob(8, "rank of each adapter (PEFT's r)", ge=1)
+    alpha: float = knob(16.0, "the update is scaled by alpha / r (PEFT's lora_alpha)", gt=0)
+    dropout: float = knob(0.0, "dropout on the input of each LoRA branch (PEFT's lora_dropout)",
+                          ge=0, lt=1)
+    targets: tuple[str, ...] = knob(("attn.c_attn",), "the linear modules that get adapters "
+                                    "(PEFT's target_modules for GPT-2)", choices=LORA_TARGETS,
+                                    nonempty=True)
+
+
+@dataclass(frozen=True)
 class StrategiesConfig:
     """The knobs that belong to one strategy each (strategies.py)."""
     head_finetune: HeadFinetuneConfig = section(HeadFinetuneConfig)
@@ -210,6 +222,7 @@ class StrategiesConfig:
     discriminative_lr: DiscriminativeLRConfig = section(DiscriminativeLRConfig)
     freeze_then_unfreeze: FreezeThenUnfreezeConfig = section(FreezeThenUnfreezeConfig)
     sparse_mask: SparseMaskConfig = section(SparseMaskConfig)
+    lora: LoraConfig = section(LoraConfig)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import zlib
 
 import numpy as np
 
-from .checkpoint import atomic_open
+from .fileio import atomic_open
 from .layers import dropout_backward, dropout_forward
 
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -167,6 +167,20 @@ def add_lora(params, n_layer, r, alpha, targets=("attn.c_attn",), rng=None) -> d
             adapters[f"h.{i}.{target}.lora_A"] = rng.uniform(-bound, bound, (IN, r)).astype(w.dtype)  # (IN, r)
             adapters[f"h.{i}.{target}.lora_B"] = np.zeros((r, OUT), dtype=w.dtype)  # (r, OUT)
     return adapters
+
+
+def attach(model, r, alpha, dropout=0.0, targets=("attn.c_attn",), seed=0):
+    """Give a GPT adapters on `targets` in every block (add_lora) and the config that runs
+    them (GPTConfig.lora_r / lora_alpha / lora_dropout); the model's output is unchanged
+    (B = 0). Returns the model. Which weights then train is the masks' business (the
+    `lora` strategy freezes everything but the adapters and the head)."""
+    import dataclasses
+
+    adapters = add_lora(model.params, model.config.n_layer, r, alpha, targets, np.random.default_rng([seed, 3]))
+    model.config = dataclasses.replace(model.config, lora_r=int(r), lora_alpha=float(alpha),
+                                       lora_dropout=float(dropout))
+    model.params.update(adapters)
+    return model
 
 
 def adapter_names(params) -> list[str]:

@@ -179,6 +179,19 @@ def bias_only(model) -> None:
             model.masks[name] = frozen_mask(model.params[name])
 
 
+def is_adapter(name: str) -> bool:
+    """A LoRA adapter matrix (lora.py): h.{i}.{module}.lora_A / lora_B."""
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+def adapters_only(model) -> None:
+    """LoRA: only the adapters and the head train; every pretrained weight is frozen."""
+    model.masks.clear()
+    for name in model.params:
+        if not (is_adapter(name) or is_head(name)):
+            model.masks[name] = frozen_mask(model.params[name])
+
+
 def train_rows(model, name: str, rows) -> None:
     """Only the given rows of a 2-D parameter train, e.g. new embedding rows for a CLS token."""
     p = model.params[name] if name in model.params else None

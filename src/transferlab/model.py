@@ -34,6 +34,7 @@ from . import masks as M
 from . import weights
 from .kernels import FAST, KernelTable, kernel_table
 from .layers import attention_mask
+from .lora import lora_linear_backward, lora_linear_forward
 from .losses import IGNORE_INDEX, cross_entropy, sigmoid, sigmoid_mse
 
 DTYPES = ("float32", "float64")
@@ -80,6 +81,9 @@ class GPTConfig:
     cls_id: int | None = None
     label_smoothing: float = 0.0
     init_std: float = 0.02
+    lora_r: int = 0  # LoRA rank of the adapters the params hold (lora.attach); 0 = none
+    lora_alpha: float = 0.0  # LoRA scale s = lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the input of each LoRA branch while training
     extra: dict = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     def __post_init__(self):
@@ -108,6 +112,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"GPTConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):
+            raise ValueError(f"GPTConfig.lora_r must be >= 0 and lora_alpha > 0 with it, "
+                             f"got lora_r={self.lora_r}, lora_alpha={self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"GPTConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.head_hidden < 0:
             raise ValueError(f"GPTConfig.head_hidden must be >= 0, got {self.head_hidden}")
         if self.head == "sequence" and self.pooling == "cls" and self.cls_id is None:
@@ -127,6 +136,11 @@ class GPTConfig:
     def n_outputs(self) -> int:
         """Width of the classifier's output: 1 logit for a score, else n_classes."""
         return 1 if (self.head == "sequence" and self.sequence_output == "score") else self.n_classes
+
+    @property
+    def lora_scale(self) -> float:
+        """s = alpha / r of the LoRA adapters (0 without them)."""
+        return self.lora_alpha / self.lora_r if self.lora_r else 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,30 +164,55 @@ class BlockCache(NamedTuple):
     fcproj: tuple
     drop2: object
     kernels: KernelTable  # backward must invert the very functions forward ran
+    lora: frozenset  # the modules that ran with a LoRA detour (their caches are LoRA caches)
 
 
-def block_forward(x, w, n_head, allowed=None, pdrop=0.0, rng=None, kernels=FAST):
+def linear(K, x, w, module, lora_scale=0.0, lora_dropout=0.0, rng=None):
+    """x @ W + b for one of the block's linear modules ("attn.c_attn", ...): the kernel
+    table's linear, or lora.lora_linear_forward when the block holds adapters for it."""
+    if module + ".lora_A" in w:
+        return lora_linear_forward(x, w[module + ".weight"], w[module + ".bias"], w[module + ".lora_A"],
+                                   w[module + ".lora_B"], lora_scale, lora_dropout, rng)
+    return K.linear_forward(x, w[module + ".weight"], w[module + ".bias"])
+
+
+def linear_backward(K, dout, cache, module, grads, need_dw, lora):
+    """The backward of `linear`: the gradient at its input; its parameters' gradients go
+    into grads (for a LoRA module only lora_A and lora_B: the base weight is frozen)."""
+    if module in lora:
+        dx, grads[module + ".lora_A"], grads[module + ".lora_B"] = lora_linear_backward(dout, cache)
+        return dx
+    dx, grads[module + ".weight"], grads[module + ".bias"] = K.linear_backward(
+        dout, cache, need_dw=need_dw(module + ".weight"))
+    return dx
+
+
+def block_forward(x, w, n_head, allowed=None, pdrop=0.0, rng=None, kernels=FAST, lora_scale=0.0,
+                  lora_dropout=0.0):
     """One pre-LayerNorm block: x + drop(attn(ln_1(x))), then + drop(mlp(ln_2(x))).
 
     x (B, T, C); w: the block's parameters by their names inside the block ("ln_1.weight",
-    "attn.c_attn.weight", ...); allowed: the attention mask from layers.attention_mask.
-    rng=None runs in inference mode (no dropout). Returns (x (B, T, C), BlockCache).
+    "attn.c_attn.weight", ..., and "<module>.lora_A/B" for LoRA adapters, see `linear`);
+    allowed: the attention mask from layers.attention_mask. rng=None runs in inference
+    mode (no dropout). Returns (x (B, T, C), BlockCache).
     """
     K = kernels
+    lin = lambda x, module: linear(K, x, w, module, lora_scale, lora_dropout, rng)  # noqa: E731
     ln1, c_ln1 = K.layernorm_forward(x, w["ln_1.weight"], w["ln_1.bias"])  # (B, T, C)
-    qkv, c_qkv = K.linear_forward(ln1, w["attn.c_attn.weight"], w["attn.c_attn.bias"])  # (B, T, 3C)
+    qkv, c_qkv = lin(ln1, "attn.c_attn")  # (B, T, 3C)
     atty, c_att = K.attention_forward(qkv, n_head, allowed, pdrop, rng)  # (B, T, C)
-    attproj, c_attproj = K.linear_forward(atty, w["attn.c_proj.weight"], w["attn.c_proj.bias"])  # (B, T, C)
+    attproj, c_attproj = lin(atty, "attn.c_proj")  # (B, T, C)
     attproj, c_drop1 = K.dropout_forward(attproj, pdrop, rng)  # (B, T, C)
     x = x + attproj  # (B, T, C) residual
     ln2, c_ln2 = K.layernorm_forward(x, w["ln_2.weight"], w["ln_2.bias"])  # (B, T, C)
-    fch, c_fc = K.linear_forward(ln2, w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])  # (B, T, 4C)
+    fch, c_fc = lin(ln2, "mlp.c_fc")  # (B, T, 4C)
     fch_gelu, c_gelu = K.gelu_forward(fch)  # (B, T, 4C)
-    fcproj, c_fcproj = K.linear_forward(fch_gelu, w["mlp.c_proj.weight"], w["mlp.c_proj.bias"])  # (B, T, C)
+    fcproj, c_fcproj = lin(fch_gelu, "mlp.c_proj")  # (B, T, C)
     fcproj, c_drop2 = K.dropout_forward(fcproj, pdrop, rng)  # (B, T, C)
     x = x + fcproj  # (B, T, C) residual
+    lora = frozenset(n[:-len(".lora_A")] for n in w if n.endswith(".lora_A"))
     return x, BlockCache(c_ln1, c_qkv, c_att, c_attproj, c_drop1, c_ln2, c_fc, c_gelu, c_fcproj,
-                         c_drop2, K)
+                         c_drop2, K, lora)
 
 
 def block_backward(dx, cache, need_dw=lambda name: True):
@@ -183,23 +222,20 @@ def block_backward(dx, cache, need_dw=lambda name: True):
     need_dw(name) is False gets None (its product is never computed).
     """
     c, K, grads = cache, cache.kernels, {}
+    lin_back = lambda d, cache, module: linear_backward(K, d, cache, module, grads, need_dw, c.lora)  # noqa: E731
     # in the forward pass this was: x = x + fcproj. The residual forks, so dx flows
     # unchanged to the block input and also into the MLP branch; gradients add up below
     (dfcproj,) = K.dropout_backward(dx, c.drop2)  # (B, T, C)
-    dfch_gelu, grads["mlp.c_proj.weight"], grads["mlp.c_proj.bias"] = K.linear_backward(
-        dfcproj, c.fcproj, need_dw=need_dw("mlp.c_proj.weight"))  # (B, T, 4C)
+    dfch_gelu = lin_back(dfcproj, c.fcproj, "mlp.c_proj")  # (B, T, 4C)
     (dfch,) = K.gelu_backward(dfch_gelu, c.gelu)  # (B, T, 4C)
-    dln2, grads["mlp.c_fc.weight"], grads["mlp.c_fc.bias"] = K.linear_backward(
-        dfch, c.fc, need_dw=need_dw("mlp.c_fc.weight"))  # (B, T, C)
+    dln2 = lin_back(dfch, c.fc, "mlp.c_fc")  # (B, T, C)
     dres, grads["ln_2.weight"], grads["ln_2.bias"] = K.layernorm_backward(dln2, c.ln2)  # (B, T, C)
     dx = dx + dres  # gradients add up at the fork
     # x = x + attproj: the same fork for the attention branch
     (dattproj,) = K.dropout_backward(dx, c.drop1)  # (B, T, C)
-    datty, grads["attn.c_proj.weight"], grads["attn.c_proj.bias"] = K.linear_backward(
-        dattproj, c.attproj, need_dw=need_dw("attn.c_proj.weight"))  # (B, T, C)
+    datty = lin_back(dattproj, c.attproj, "attn.c_proj")  # (B, T, C)
     (dqkv,) = K.attention_backward(datty, c.att)  # (B, T, 3C)
-    dln1, grads["attn.c_attn.weight"], grads["attn.c_attn.bias"] = K.linear_backward(
-        dqkv, c.qkv, need_dw=need_dw("attn.c_attn.weight"))  # (B, T, C)
+    dln1 = lin_back(dqkv, c.qkv, "attn.c_attn")  # (B, T, C)
     dres, grads["ln_1.weight"], grads["ln_1.bias"] = K.layernorm_backward(dln1, c.ln1)  # (B, T, C)
     return dx + dres, grads
 
@@ -253,8 +289,9 @@ class GPT:
         return p
 
     def block_params(self, i: int) -> dict[str, np.ndarray]:
-        """Block i's parameters by their names inside the block (views, not copies)."""
-        return {name: self.params[f"h.{i}.{name}"] for name, _ in BLOCK_PARAMS}
+        """Block i's parameters (LoRA adapters included) by their names inside the block."""
+        pre = f"h.{i}."
+        return {name[len(pre):]: p for name, p in self.params.items() if name.startswith(pre)}
 
     def lm_weight(self) -> np.ndarray:
         """The (V, C) matrix the LM head multiplies by: wte when tied."""
@@ -311,7 +348,7 @@ class GPT:
         blocks = []
         for i in range(cfg.n_layer):
             x, c_block = block_forward(x, self.block_params(i), cfg.n_head, allowed, cfg.dropout,
-                                       rng_at(i + 1), K)  # (B, T, C)
+                                       rng_at(i + 1), K, cfg.lora_scale, cfg.lora_dropout)  # (B, T, C)
             # backward stops above a frozen block: its activations can be freed now
             blocks.append(c_block if keep_cache and i + 1 >= lowest else None)
         h, c_lnf = K.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])  # (B, T, C)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from . import checkpoint as C
+from . import lora
+from . import masks as M
 from . import strategies as S
 from .config import config_hash, replace_in
 from .fileio import write_json_atomic
@@ -101,6 +103,7 @@ def source_lm_loss(model, pretrained, source_val) -> float:
 
     The adapted backbone (its wte included, as the input embedding) is kept; the output
     projection is the pretrained wte, so any change in the loss is the backbone's doing.
+    LoRA adapters are merged into the weights they adapt (the function they compute).
     `pretrained` is the pretrained Checkpoint, or its path.
     """
     ckpt = C.as_checkpoint(pretrained)
@@ -111,6 +114,9 @@ def source_lm_loss(model, pretrained, source_val) -> float:
         if name in lm.params:
             lm.params[name][...] = value[:V] if name == "wte.weight" else value
     lm.params["lm_head.weight"][...] = ckpt.params["wte.weight"]
+    adapters = {name: value for name, value in model.params.items() if M.is_adapter(name)}
+    if adapters:
+        lora.merge(lm.params, adapters, model.config.lora_scale)
     return evaluate(lm, "lm", lm_split(source_val))["loss"]
 
 
@@ -122,6 +128,8 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
     target = make_target(kind, spec, seed=seed)
     plan = S.build_plan(strategy, config.finetune.steps, config.model.n_layer, config.strategies)
     model = target_model(config, kind, target.n_classes, spec, pretrained if plan.pretrained else None, seed)
+    if plan.lora:  # adapters first, so a resumed run finds the parameters it saved
+        lora.attach(model, seed=seed, **plan.lora)
     splits = [target.train, target.val, target.test]
     if model.config.cls_id is not None:
         splits = [append_cls(s, model.config.cls_id) for s in splits]

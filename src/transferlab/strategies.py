@@ -9,7 +9,8 @@ group 0 the embeddings, 1..L the blocks, L + 1 ln_f and the head (see masks.py).
     print(describe(plan, 300))  # 300: the total steps, to print where each phase ends
 
 Trainable specs: "all", "head" (the head only: the backbone is frozen), "bias" (BitFit),
-"sparse" (a Fisher top-k mask plus the head), "top:K" (the top K layer groups).
+"sparse" (a Fisher top-k mask plus the head), "lora" (LoRA adapters plus the head), "top:K"
+(the top K layer groups).
 One page per strategy in docs/strategies/.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from . import masks as M
 from .schedules import discriminative_scales
 
-SPECS = ("all", "head", "bias", "sparse")
+SPECS = ("all", "head", "bias", "sparse", "lora")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Plan:
     feature_cache: bool = False  # backbone frozen throughout: compute its output once
     keep_fraction: float | None = None  # "sparse" phases: the fraction of weights that train
     fisher_batches: int | None = None  # "sparse" phases: batches for the Fisher estimate
+    lora: dict | None = None  # "lora" phases: the adapters to attach first (lora.attach's knobs)
 
     def phase_at(self, step: int) -> Phase:
         current = self.phases[0]
@@ -66,6 +68,8 @@ STRATEGIES = {
     "bitfit": ("only biases (and the head) train", "BitFit, arXiv 2106.10199"),
     "sparse_mask": ("only the top-k% weights by Fisher information (and the head) train",
                     "FISH mask, arXiv 2111.09839"),
+    "lora": ("frozen weights, trainable low-rank adapters on the chosen modules (and the head)",
+             "LoRA, arXiv 2106.09685; PEFT's LoraConfig"),
 }
 
 
@@ -106,6 +110,10 @@ def build_plan(name: str, steps: int, n_layer: int, knobs) -> Plan:
         return Plan(name, True, (frozen, thawed))
     if name == "bitfit":
         return Plan(name, True, (Phase(0, "bias"),))
+    if name == "lora":
+        k = knobs.lora
+        return Plan(name, True, (Phase(0, "lora"),),
+                    lora={"r": k.r, "alpha": k.alpha, "dropout": k.dropout, "targets": tuple(k.targets)})
     sparse = knobs.sparse_mask
     return Plan(name, True, (Phase(0, "sparse"),), keep_fraction=sparse.keep_fraction,
                 fisher_batches=sparse.fisher_batches)
@@ -120,6 +128,8 @@ def apply_phase(model, phase: Phase, layernorm_trainable=False, fisher_batches=N
         M.freeze_backbone(model, layernorm_trainable)
     elif spec == "bias":
         M.bias_only(model)
+    elif spec == "lora":
+        M.adapters_only(model)
     elif spec == "sparse":
         M.fisher_mask(model, fisher_batches, keep_fraction)
     elif spec.startswith("top:"):
