@@ -1,6 +1,7 @@
 """transferlab command line: parse the flags, load the config, hand both to the runner.
 
     python src/main.py --strategy full_finetune bitfit --seeds 0 1 2
+    python src/main.py generate --model gpt2/ --prompt "Hello" --temperature 0
     python src/main.py --help
 
 Exit status: 0 done; 2 a bad flag or a bad config value (one line says which);
@@ -34,6 +35,7 @@ examples:
   python src/main.py --strategy full_finetune --set finetune.lr=3e-4 --set runner.seeds=[0,1]
   python src/main.py --strategy scratch full_finetune --sweep relatedness
   python src/main.py --strategy full_finetune --pretrained cache/pretrained.npz
+  python src/main.py generate --help     text from a GPT-2 folder or a checkpoint
 
 Flags override config.yaml, which overrides the defaults; RANDOM_SEED and LOG_LEVEL
 (environment or .env) sit between the file and the flags. See docs/configuration.md.
@@ -145,7 +147,11 @@ def config_from_args(args):
 
 def main(argv=None):
     """Run the command line on `argv` (default sys.argv[1:]); return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["generate"]:  # the one subcommand: text from a model (generate_cli.py)
+            from transferlab.generate_cli import main as generate_main
+            return generate_main(argv[1:])
         return _main(argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

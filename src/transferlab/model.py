@@ -443,6 +443,14 @@ class GPT:
         """Copy tensors in from a state dict this or another tool wrote: weights.load_state_dict."""
         return weights.load_state_dict(self, state, strict)
 
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+                 stop_token=None):
+        """Continue idx (B, T) by max_new_tokens, one token per step with a KV cache:
+        generate.generate (temperature 0 = greedy; top-k, top-p; a seed; a stop token)."""
+        from .generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed, stop_token)
+
     def set_head(self, head: str, **changes) -> "GPT":
         """Switch to another head on the same backbone: heads.set_head."""
         return H.set_head(self, head, **changes)
