@@ -88,7 +88,7 @@ def test_config_is_frozen_and_json_able():
 
 
 def test_strategy_names():
-    assert len(STRATEGY_NAMES) == 10 and "all" not in STRATEGY_NAMES
+    assert len(STRATEGY_NAMES) == 12 and "all" not in STRATEGY_NAMES
     assert "sparse_mask" in STRATEGY_NAMES and "scratch" in STRATEGY_NAMES
 
 

@@ -75,7 +75,7 @@ def reading_words(lesson: Path) -> int:
 
 
 def stated_words(lesson: Path) -> int:
-    m = re.search(r"\(([\d,]+) words", part(lesson, "Pre-reading"))
+    m = re.search(r"\(about ([\d,]+) words", part(lesson, "Pre-reading"))
     assert m, f"{lesson.name}: the pre-reading states no word count"
     return int(m.group(1).replace(",", ""))
 
@@ -142,7 +142,10 @@ def test_timeline_is_contiguous_and_fits_90_minutes(lesson):
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
 def test_pre_reading_word_count_is_stated_right_and_small(lesson):
     words = reading_words(lesson)
-    assert stated_words(lesson) == words, f"{lesson.name}: the page says {stated_words(lesson)}, the sections hold {words}"
+    # the page states it to the nearest hundred ("about 3,700 words"), so a small edit to a
+    # linked section does not make it false
+    assert stated_words(lesson) == round(words, -2), \
+        f"{lesson.name}: the page says {stated_words(lesson)}, the sections hold {words}"
     assert words <= MAX_WORDS
 
 

@@ -14,7 +14,7 @@ from transferlab.config import (DiscriminativeLRConfig, FreezeThenUnfreezeConfig
 from transferlab.strategies import STRATEGIES, Phase, Plan, apply_phase, build_plan, describe
 
 NAMES = ["scratch", "feature_extractor", "head_finetune", "full_finetune", "gradual_unfreeze",
-         "discriminative_lr", "freeze_then_unfreeze", "bitfit", "sparse_mask", "lora"]
+         "discriminative_lr", "freeze_then_unfreeze", "bitfit", "sparse_mask", "lora", "ulmfit", "aux_lm"]
 KNOBS = StrategiesConfig()  # defaults: backbone x0.1, decay 2.6, unfreeze at 100 at x0.1, ...
 STEPS, L = 300, 2  # 2 blocks: 4 layer groups (embeddings, h.0, h.1, ln_f + head)
 # ULMFiT's rates bottom to top: the top group at 1, each group below at the rate above / 2.6
@@ -59,10 +59,14 @@ EXPECTED = {
     "bitfit": (True, None, False, [(0, "bias", ())]),
     "sparse_mask": (True, None, False, [(0, "sparse", ())]),
     "lora": (True, None, False, [(0, "lora", ())]),
+    # ULMFiT: after its LM stage (Plan.lm_stage_steps), gradual unfreezing as above
+    "ulmfit": (True, "slanted_triangular", False,
+               [(0, "top:1", ULMFIT), (75, "top:2", ULMFIT), (150, "top:3", ULMFIT), (225, "top:4", ULMFIT)]),
+    "aux_lm": (True, None, False, [(0, "all", ())]),
 }
 
 
-def test_the_ten_strategies():
+def test_the_registered_strategies():
     assert list(STRATEGIES) == NAMES == list(EXPECTED)
 
 
@@ -280,3 +284,41 @@ def test_lora_gradients_through_the_model_match_finite_differences():
             p[i] = old
             num[i] = (plus - minus) / 2e-6
         assert tensor_rel_error(grads[name], num) < 1e-5, name  # the whole-model tolerance (STYLE.md)
+
+
+# ---------------------------------------------------------------------- forgetting remedies
+
+
+def test_ulmfit_and_aux_lm_plans_carry_their_stage_and_weight():
+    plan = build_plan("ulmfit", STEPS, L, KNOBS)
+    assert plan.lm_stage_steps == KNOBS.ulmfit.lm_steps == 100 and plan.aux_lm_weight == 0.0
+    aux = build_plan("aux_lm", STEPS, L, KNOBS)
+    assert aux.aux_lm_weight == KNOBS.aux_lm.weight == 0.5 and aux.lm_stage_steps == 0
+
+
+def test_auxiliary_lm_is_the_causal_lm_loss_of_the_same_backbone():
+    """train.auxiliary_lm equals the loss and gradients of the same weights built as a
+    causal LM with a tied head, and leaves the classifier model as it was."""
+    from transferlab.losses import IGNORE_INDEX
+    from transferlab.train import auxiliary_lm
+
+    cfg = GPTConfig(vocab_size=9, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64",
+                    head="sequence", n_classes=3, pad_id=8)
+    model = GPT(cfg, seed=0)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 8, (3, 8))
+    x[0, 6:] = 8  # padding at the end of one row
+    mask = x != 8
+    loss, grads = auxiliary_lm(model, x, mask)
+    assert model.config == cfg  # the classifier view is back
+    lm = GPT(dataclasses.replace(cfg, head="lm", causal=True), seed=5)
+    for name, value in model.params.items():
+        if name in lm.params:
+            lm.params[name][...] = value
+    y = np.where(mask[:, 1:], x[:, 1:], IGNORE_INDEX)
+    _, want = lm(x[:, :-1], y, attention_mask=mask[:, :-1])
+    assert loss == pytest.approx(want, rel=1e-12)
+    want_grads = lm.backward()
+    for name, g in want_grads.items():
+        np.testing.assert_allclose(grads[name], g, rtol=1e-10, atol=1e-14, err_msg=name)
+    assert not grads["seq_head.weight"].any()  # the LM loss does not reach the classifier

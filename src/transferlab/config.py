@@ -215,6 +215,17 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class UlmfitConfig:
+    lm_steps: int = knob(100, "steps of LM fine-tuning on the target's own (unlabelled) text "
+                              "before the classifier (then as gradual_unfreeze)", ge=1)
+
+
+@dataclass(frozen=True)
+class AuxLMConfig:
+    weight: float = knob(0.5, "lambda in L = L_task + lambda * L_LM (GPT-1 used 0.5)", gt=0)
+
+
+@dataclass(frozen=True)
 class StrategiesConfig:
     """The knobs that belong to one strategy each (strategies.py)."""
     head_finetune: HeadFinetuneConfig = section(HeadFinetuneConfig)
@@ -223,6 +234,8 @@ class StrategiesConfig:
     freeze_then_unfreeze: FreezeThenUnfreezeConfig = section(FreezeThenUnfreezeConfig)
     sparse_mask: SparseMaskConfig = section(SparseMaskConfig)
     lora: LoraConfig = section(LoraConfig)
+    ulmfit: UlmfitConfig = section(UlmfitConfig)
+    aux_lm: AuxLMConfig = section(AuxLMConfig)
 
 
 @dataclass(frozen=True)

@@ -74,10 +74,11 @@ def pretrain(config, spec: TaskSpec, path: Path, progress: bool) -> dict:
     return {"seconds": result.seconds, "history": result.history}
 
 
-def target_model(config, kind: str, n_classes: int, spec: TaskSpec, pretrained, seed: int):
+def target_model(config, kind: str, n_classes: int, spec: TaskSpec, pretrained, seed: int, start=None):
     """A model for the target task: the pretrained backbone with a new head, or a random one.
 
     `pretrained`: the pretrained Checkpoint (or its path); None for a random backbone.
+    `start`: an LM to start from instead of the pretrained one (ULMFiT's fine-tuned LM).
     """
     f = config.finetune
     head, output = task_kind(kind).head, task_kind(kind).output
@@ -90,7 +91,7 @@ def target_model(config, kind: str, n_classes: int, spec: TaskSpec, pretrained, 
         cfg = dataclasses.replace(base, vocab_size=base.vocab_size + (cls_id is not None),
                                   head=head, cls_id=cls_id, **changes)
         return GPT(cfg, seed=seed)
-    model = C.model_from_checkpoint(pretrained, seed=seed)
+    model = start if start is not None else C.model_from_checkpoint(pretrained, seed=seed)
     model.masks.clear()
     if cls_id is not None:
         model.resize_vocab(spec.vocab_size + 1)  # a new CLS row; the old rows are kept
@@ -120,6 +121,19 @@ def source_lm_loss(model, pretrained, source_val) -> float:
     return evaluate(lm, "lm", lm_split(source_val))["loss"]
 
 
+def lm_stage(config, plan, spec, target, pretrained, seed):
+    """ULMFiT's second stage: the pretrained LM fine-tuned on the target task's own text
+    (the inputs of its training and validation splits, no labels) before the classifier.
+    Returns the fine-tuned LM (the runner then switches its head)."""
+    model = C.model_from_checkpoint(pretrained, seed=seed)
+    data = Data("lm", lm_split(target.train.x, spec.pad_id), lm_split(target.val.x, spec.pad_id))
+    s = dataclasses.replace(config.finetune, steps=plan.lm_stage_steps, patience=0,
+                            eval_every=min(config.finetune.eval_every, plan.lm_stage_steps))
+    lm_plan = S.Plan("ulmfit_lm", pretrained=True, phases=(S.Phase(0, "all"),))
+    train(model, data, lm_plan, s, seed=seed)
+    return model
+
+
 def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: bool,
             resume: str | None = None, checkpoint: str | None = None) -> dict:
     """One strategy, one seed: one entry of the results JSON's `results` list (docs/API.md, Runner)."""
@@ -127,7 +141,9 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
     kind = config.task.target
     target = make_target(kind, spec, seed=seed)
     plan = S.build_plan(strategy, config.finetune.steps, config.model.n_layer, config.strategies)
-    model = target_model(config, kind, target.n_classes, spec, pretrained if plan.pretrained else None, seed)
+    start = lm_stage(config, plan, spec, target, pretrained, seed) if plan.lm_stage_steps else None
+    model = target_model(config, kind, target.n_classes, spec, pretrained if plan.pretrained else None, seed,
+                         start)
     if plan.lora:  # adapters first, so a resumed run finds the parameters it saved
         lora.attach(model, seed=seed, **plan.lora)
     splits = [target.train, target.val, target.test]

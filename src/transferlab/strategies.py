@@ -15,6 +15,7 @@ One page per strategy in docs/strategies/.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,8 @@ class Plan:
     keep_fraction: float | None = None  # "sparse" phases: the fraction of weights that train
     fisher_batches: int | None = None  # "sparse" phases: batches for the Fisher estimate
     lora: dict | None = None  # "lora" phases: the adapters to attach first (lora.attach's knobs)
+    aux_lm_weight: float = 0.0  # GPT-1: add this x the LM loss on the same batch (train.auxiliary_lm)
+    lm_stage_steps: int = 0  # ULMFiT: first fine-tune the LM on the target's own text this long
 
     def phase_at(self, step: int) -> Phase:
         current = self.phases[0]
@@ -70,6 +73,10 @@ STRATEGIES = {
                     "FISH mask, arXiv 2111.09839"),
     "lora": ("frozen weights, trainable low-rank adapters on the chosen modules (and the head)",
              "LoRA, arXiv 2106.09685; PEFT's LoraConfig"),
+    "ulmfit": ("LM fine-tuning on the target's unlabelled text, then gradual unfreezing",
+               "ULMFiT, arXiv 1801.06146, sec. 3.2-3.3"),
+    "aux_lm": ("everything trains on the task loss plus lambda x the LM loss of the same batch",
+               "GPT-1 (Radford et al. 2018), eq. 3"),
 }
 
 
@@ -110,6 +117,12 @@ def build_plan(name: str, steps: int, n_layer: int, knobs) -> Plan:
         return Plan(name, True, (frozen, thawed))
     if name == "bitfit":
         return Plan(name, True, (Phase(0, "bias"),))
+    if name == "ulmfit":
+        u = knobs.ulmfit
+        return dataclasses.replace(build_plan("gradual_unfreeze", steps, n_layer, knobs), name=name,
+                                   lm_stage_steps=u.lm_steps)
+    if name == "aux_lm":
+        return Plan(name, True, (Phase(0, "all"),), aux_lm_weight=knobs.aux_lm.weight)
     if name == "lora":
         k = knobs.lora
         return Plan(name, True, (Phase(0, "lora"),),

@@ -14,6 +14,7 @@ See docs/training.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -60,10 +61,16 @@ class Result:
     cache: "FeatureCache | None" = None  # the feature cache, when the plan used one
 
 
-def lm_split(tokens: np.ndarray) -> Split:
-    """Next-token prediction as a Split: x = tokens[:, :-1], y = tokens[:, 1:]."""
+def lm_split(tokens: np.ndarray, pad_id: int | None = None) -> Split:
+    """Next-token prediction as a Split: x = tokens[:, :-1], y = tokens[:, 1:].
+
+    With a pad id (padded target sequences, e.g. ULMFiT's LM stage on the target's text),
+    padded inputs are masked out of attention and padded targets are IGNORE_INDEX."""
     x, y = tokens[:, :-1], tokens[:, 1:]
-    return Split(x=np.ascontiguousarray(x), y=np.ascontiguousarray(y), mask=np.ones(x.shape, dtype=bool))
+    mask = np.ones(x.shape, dtype=bool) if pad_id is None else x != pad_id
+    if pad_id is not None:
+        y = np.where(y == pad_id, IGNORE_INDEX, y)
+    return Split(x=np.ascontiguousarray(x), y=np.ascontiguousarray(y), mask=mask)
 
 
 # ---------------------------------------------------------------------- metrics
@@ -93,8 +100,8 @@ def metrics(kind: str, outputs: np.ndarray, split: Split) -> dict:
     y = split.y
     if kind == "lm":
         logp = log_softmax(outputs.astype(np.float64))
-        valid = split.mask
-        nll = -np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+        valid = split.mask & (y != IGNORE_INDEX)
+        nll = -np.take_along_axis(logp, np.where(valid, y, 0)[..., None], axis=-1)[..., 0]
         loss = float(nll[valid].mean())
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if kind == "score":
@@ -197,6 +204,23 @@ class BatchOrder:
         self.perm, self.pos = np.array(state["perm"]), state["pos"]
 
 
+def auxiliary_lm(model, x, mask):
+    """GPT-1's auxiliary objective (Radford et al. 2018, eq. 3): the next-token loss of the
+    same backbone on the same batch, read through the LM head tied to wte.
+
+    The model keeps its classifier; for this one pass it is viewed as a causal LM (an LM
+    loss with bidirectional attention could read the answer). Padded targets are ignored.
+    Returns (loss, grads) with the model's parameter names (the classifier's grads 0)."""
+    cfg = model.config
+    y = np.where(mask[:, 1:], x[:, 1:], IGNORE_INDEX)  # (B, T-1) the next token, pads ignored
+    model.config = dataclasses.replace(cfg, head="lm", causal=True)
+    try:
+        _, loss = model(x[:, :-1], y, attention_mask=mask[:, :-1])
+        return loss, model.backward()
+    finally:
+        model.config = cfg
+
+
 def make_optimizer(model, s):
     if s.optimizer == "sgd":
         return SGD(model.params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -292,6 +316,10 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
             kept = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint else ""
             raise TrainingError(f"loss became {loss} at step {step} (lr {opt.lr:.3g}){kept}")
         grads = model.backward()
+        if plan.aux_lm_weight:  # GPT-1: L = L_task + lambda * L_LM on the same batch
+            lm_loss, lm_grads = auxiliary_lm(model, batch.x, batch.mask)
+            loss += plan.aux_lm_weight * lm_loss
+            grads = {n: g + plan.aux_lm_weight * lm_grads[n] for n, g in grads.items()}
         if s.grad_clip:
             clip_grad_norm(grads, s.grad_clip, masks=model.masks)
         opt.step(grads)
