@@ -410,7 +410,7 @@ class ByteVocab:
     (vocab_size 259). Needs no files, knows every language, and decodes exactly:
     decode(encode(s)) == s for every str that has UTF-8. `<|endoftext|>` in the text
     becomes the single id EOT, as in GPT-2. The cost: a token is a byte, so a sentence
-    is 3-5 times longer than in GPT-2's BPE (see docs/own_data.md#tokenization)."""
+    is about 4 times longer than in GPT-2's BPE for English (see docs/own_data.md#tokenization)."""
 
     name = "bytes"
     pad_id, cls_id, eot_id = 256, 257, 258
