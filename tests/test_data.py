@@ -513,3 +513,9 @@ def test_file_baselines_use_the_tokens_the_model_reads(tmp_path):
     score_target = encode_labelled(read_labelled(write_lines(tmp_path / "s.jsonl", scores)), ByteVocab(), 8)
     (chance,) = file_baselines(score_target)
     assert chance["task"] == "score" and set(chance["target"]) == {"mse", "mae"}
+
+
+def test_naive_bayes_gives_a_class_absent_from_training_probability_zero():
+    p = np.exp(ngram_outputs(["ab", "bb"], [0, 2], ["a", "b"], n=(1,)))  # no example of class 1
+    assert p.shape == (2, 3) and p[:, 1].tolist() == [0.0, 0.0]
+    assert np.allclose(p.sum(axis=1), 1.0)

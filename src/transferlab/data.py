@@ -621,12 +621,12 @@ def ngram_outputs(train_texts, train_labels, eval_texts, n=(1, 2), alpha: float 
     log_p = np.log(counts + alpha) - np.log(counts.sum(axis=1, keepdims=True) + alpha * len(features))  # (K, F)
     with np.errstate(divide="ignore"):  # a class absent from training has prior 0: log 0 = -inf
         log_prior = np.log(np.bincount(labels, minlength=K) / len(labels))  # (K,)
-    X = np.zeros((len(eval_texts), len(features)))  # (N_eval, F) counts of known n-grams
-    for row, t in enumerate(eval_texts):
-        for f, m in ngrams(t, n).items():
-            if f in features:
-                X[row, features[f]] = m
-    joint = X @ log_p.T + log_prior  # (N_eval, K)
+    joint = np.tile(log_prior, (len(eval_texts), 1))  # (N_eval, K)
+    for row, t in enumerate(eval_texts):  # row by row: a dense (N_eval, F) matrix can be huge
+        known = [(features[f], m) for f, m in ngrams(t, n).items() if f in features]
+        if known:
+            cols, m = np.array(known).T  # (F_x,) columns and counts of the row's known n-grams
+            joint[row] += log_p[:, cols] @ m
     return joint - np.logaddexp.reduce(joint, axis=1, keepdims=True)
 
 
