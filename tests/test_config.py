@@ -70,7 +70,7 @@ def test_every_knob_in_the_shipped_config_has_a_comment():
 
 def test_shipped_values_spot_check():
     config = load_config(SHIPPED, env=False)
-    assert config.finetune.lr == 1e-3 and isinstance(config.finetune.lr, float)
+    assert config.finetune.lr == 3e-4 and isinstance(config.finetune.lr, float)
     assert config.pretrain.lr == 3e-3  # written as 3e-3: must load as a float, not a string
     assert config.strategies.discriminative_lr.ratio == 32.0
     assert config.runner.strategies == STRATEGY_NAMES  # "all", expanded

@@ -98,7 +98,7 @@ def test_target_side_knobs_share_the_pretrained_model(pre, key, value):
 
 @pytest.mark.parametrize("key, value", [
     ("seed", 1), ("pretrain.steps", 11), ("pretrain.lr", 0.01), ("model.n_embd", 8),
-    ("model.dropout", 0.0), ("task.n_tokens", 9), ("task.concentration", 0.5),
+    ("model.dropout", 0.2), ("task.n_tokens", 9), ("task.concentration", 0.5),
     ("task.n_source_train", 65),
 ])
 def test_pretraining_knobs_change_the_cache_key(pre, key, value):

@@ -90,7 +90,7 @@ class ModelConfig:
     n_head: int = knob(4, "attention heads per block", ge=1)
     n_embd: int = knob(64, "width C of the residual stream", ge=1)
     block_size: int = knob(32, "longest sequence the model accepts (positions)", ge=1)
-    dropout: float = knob(0.1, "dropout probability while training", ge=0, lt=1)
+    dropout: float = knob(0.0, "dropout probability while training", ge=0, lt=1)
     dtype: str = knob("float32", "float type of every array", choices=("float32", "float64"))
 
 
@@ -99,16 +99,16 @@ class TaskConfig:
     """The synthetic source (language modelling) and target tasks (tasks.py)."""
     n_tokens: int = knob(24, "vocabulary of the Markov chains", ge=2)
     n_topics: int = knob(4, "number of chains (topics)", ge=2)
-    seq_len: int = knob(32, "tokens per sequence", ge=7)
-    concentration: float = knob(0.1, "Dirichlet concentration of chain rows (small = peaky)", gt=0)
+    seq_len: int = knob(16, "tokens per sequence", ge=7)
+    concentration: float = knob(0.3, "Dirichlet concentration of chain rows (small = peaky)", gt=0)
     relatedness: float = knob(1.0, "1 = target chains are the source chains, 0 = fresh ones",
                               ge=0, le=1)
-    n_source_train: int = knob(2000, "source training sequences", ge=1)
+    n_source_train: int = knob(50000, "source training sequences", ge=1)
     n_source_val: int = knob(200, "source validation sequences", ge=1)
-    n_target_train: int = knob(64, "target training examples (small on purpose)", ge=1)
+    n_target_train: int = knob(48, "target training examples (small on purpose)", ge=1)
     n_target_val: int = knob(128, "target validation examples", ge=1)
     n_target_test: int = knob(512, "target test examples", ge=1)
-    min_len: int = knob(8, "shortest target sequence (the rest is padding); a tagging row "
+    min_len: int = knob(6, "shortest target sequence (the rest is padding); a tagging row "
                            "needs two 3-token segments", ge=6)
     target: str = knob("topic", "which target task", choices=TASK_TARGETS)
 
@@ -122,7 +122,7 @@ class TrainingConfig:
     """
     steps: int = knob(300, "optimizer steps", ge=1)
     batch_size: int = knob(16, "examples per step", ge=1)
-    lr: float = knob(1e-3, "peak learning rate (strategies scale it)", gt=0)
+    lr: float = knob(3e-4, "peak learning rate (strategies scale it)", gt=0)
     weight_decay: float = knob(0.01, "AdamW decoupled weight decay (2-D weights only)", ge=0)
     grad_clip: float = knob(1.0, "clip the global gradient norm to this", gt=0)
     eval_every: int = knob(25, "steps between validation evaluations", ge=1)
@@ -156,7 +156,7 @@ def with_defaults(cls, name, doc, **defaults):
 PretrainConfig = with_defaults(
     TrainingConfig, "PretrainConfig",
     "Language-model pretraining on the source task (done once, then cached).",
-    steps=600, batch_size=32, lr=3e-3, warmup_steps=50, weight_decay=0.1, eval_every=100,
+    steps=3000, batch_size=64, lr=3e-3, warmup_steps=50, weight_decay=0.1, eval_every=500,
     patience=0)
 
 
@@ -164,8 +164,8 @@ PretrainConfig = with_defaults(
 class FinetuneConfig(TrainingConfig):
     """Training on the target task: the training knobs (TrainingConfig's defaults), and the
     new head's knobs. Shared by every strategy."""
-    pooling: str = knob("mean", "sequence pooling", choices=POOLINGS)
-    attention: str = knob("bidirectional", "attention mask of the target heads",
+    pooling: str = knob("cls", "sequence pooling", choices=POOLINGS)
+    attention: str = knob("causal", "attention mask of the target heads",
                           choices=("causal", "bidirectional"))
     label_smoothing: float = knob(0.0, "classification label smoothing eps", ge=0, lt=1)
     head_hidden: int = knob(0, "0 = linear head, else the hidden width of an MLP head", ge=0)
