@@ -23,7 +23,7 @@ from transferlab.logs import setup_logging
 
 SRC = Path(__file__).resolve().parent
 DEFAULT_CONFIG = SRC.parent / "config.yaml"
-SWEEPS = ("relatedness",)
+SWEEPS = ("relatedness", "lr")
 
 log = logging.getLogger("transferlab.main")
 
@@ -121,8 +121,9 @@ def build_parser():
              "Example: --set finetune.lr=3e-4 --set runner.seeds=[0,1,2]")
     parser.add_argument(
         "--sweep", metavar="KNOB", type=_one_of("sweep", SWEEPS),
-        help="repeat the comparison for each value in runner.sweep_values of this knob "
-             "(only: relatedness). Example: --sweep relatedness")
+        help="repeat the comparison for each value of a knob: relatedness (runner.sweep_values) "
+             "or lr (runner.lr_values; prints each strategy's rate chosen on the validation "
+             "split). Example: --sweep lr")
     parser.add_argument(
         "--no-progress", action="store_true",
         help="no progress display while training (sets runner.progress=false)")

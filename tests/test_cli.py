@@ -130,7 +130,7 @@ def test_config_error_is_one_line_exit_2(tmp_path):
     (["--seeds", "0", "-1"], "argument --seeds: seed must be an integer >= 0, got '-1'"),
     (["--seeds", "x"], "argument --seeds: seed must be an integer >= 0, got 'x'"),
     (["--pretrained", "nope.npz"], "argument --pretrained: no such file: 'nope.npz'"),
-    (["--sweep", "lr"], "argument --sweep: unknown sweep 'lr' (choose from relatedness)"),
+    (["--sweep", "seed"], "argument --sweep: unknown sweep 'seed' (choose from relatedness, lr)"),
 ])
 def test_bad_flag_value_exits_2(capsys, runner, config_file, args, reason):
     assert cli.main(["--config", str(config_file), *args]) == 2

@@ -140,6 +140,12 @@ class TrainingConfig:
                                                         "trainable (fastai does)")
 
 
+def finetune_for(config, strategy: str):
+    """The finetune section with the strategy's own rate when strategies.lr sets one."""
+    own = getattr(config.strategies.lr, strategy, 0.0)
+    return dataclasses.replace(config.finetune, lr=own) if own else config.finetune
+
+
 def with_defaults(cls, name, doc, **defaults):
     """A subclass of the dataclass `cls` whose knobs keep their docs and rules but start
     at other defaults: one declaration of each knob serves several sections."""
@@ -225,9 +231,19 @@ class AuxLMConfig:
     weight: float = knob(0.5, "lambda in L = L_task + lambda * L_LM (GPT-1 used 0.5)", gt=0)
 
 
+# Each strategy's own fine-tuning rate, one knob per registered strategy (0 = finetune.lr).
+# `python src/main.py --sweep lr` measures them on the validation split (docs/results.md).
+LearningRatesConfig = dataclasses.make_dataclass(
+    "LearningRatesConfig",
+    [(name, float, knob(0.0, f"{name}'s fine-tuning rate; 0 = finetune.lr", ge=0)) for name in STRATEGIES],
+    frozen=True, namespace={"__doc__": "Each strategy's own fine-tuning rate (0 = finetune.lr).",
+                            "__module__": __name__})
+
+
 @dataclass(frozen=True)
 class StrategiesConfig:
     """The knobs that belong to one strategy each (strategies.py)."""
+    lr: LearningRatesConfig = section(LearningRatesConfig)
     head_finetune: HeadFinetuneConfig = section(HeadFinetuneConfig)
     gradual_unfreeze: GradualUnfreezeConfig = section(GradualUnfreezeConfig)
     discriminative_lr: DiscriminativeLRConfig = section(DiscriminativeLRConfig)
@@ -249,6 +265,9 @@ class RunnerConfig:
     cache_dir: str = knob("cache", "where the pretrained model is cached", nonempty=True)
     plot: str = knob("results.png", "learning-curve / sweep plot", nonempty=True)
     progress: bool = knob(True, "show progress while training")
+    lr_values: tuple[float, ...] = knob((1e-4, 3e-4, 1e-3, 3e-3), "learning rates for --sweep lr "
+                                        "(each strategy's rate is then chosen on the validation split)",
+                                        gt=0, nonempty=True)
     sweep_values: tuple[float, ...] = knob((0.0, 0.25, 0.5, 0.75, 1.0),
                                            "task.relatedness values for --sweep relatedness",
                                            ge=0, le=1, nonempty=True)

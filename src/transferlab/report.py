@@ -57,31 +57,32 @@ class Progress:
 
 
 def summarize(entries: list[dict], kind: str) -> list[dict]:
-    """Mean and std over seeds per strategy (and relatedness), and the per-seed paired
-    difference against `scratch` at the same relatedness and seed (when scratch ran)."""
+    """Mean and std over seeds per strategy (and relatedness, and learning rate in an lr
+    sweep), and the per-seed paired difference against `scratch` at the same relatedness
+    and seed (when scratch ran)."""
     metric = task_kind(kind).metric
     rows, order = {}, []
     for e in entries:
-        key = (e["strategy"], e["relatedness"])
+        key = (e["strategy"], e["relatedness"], e.get("lr"))
         if key not in rows:
             rows[key], _ = [], order.append(key)
         rows[key].append(e)
-    scratch = {(e["relatedness"], e["seed"]): e["target"][metric]
+    scratch = {(e["relatedness"], e.get("lr"), e["seed"]): e["target"][metric]
                for e in entries if e["strategy"] == "scratch"}
     out = []
-    for strategy, relatedness in order:
-        group = rows[(strategy, relatedness)]
+    for strategy, relatedness, lr in order:
+        group = rows[(strategy, relatedness, lr)]
         values = np.array([e["target"][metric] for e in group])
         source = np.array([e["source"]["lm_loss"] for e in group])
         row = {
-            "strategy": strategy, "relatedness": relatedness, "metric": metric, "n_seeds": len(group),
+            "strategy": strategy, "relatedness": relatedness, "lr": lr, "metric": metric, "n_seeds": len(group),
             "mean": float(values.mean()), "std": float(values.std()),
             "source_lm_loss_mean": float(source.mean()), "source_lm_loss_std": float(source.std()),
             "trainable_params": group[0]["trainable_params"], "total_params": group[0]["total_params"],
             "seconds_mean": float(np.mean([e["seconds"] for e in group])),
         }
-        paired = [e["target"][metric] - scratch[(relatedness, e["seed"])] for e in group
-                  if (relatedness, e["seed"]) in scratch]
+        paired = [e["target"][metric] - scratch[(relatedness, lr, e["seed"])] for e in group
+                  if (relatedness, lr, e["seed"]) in scratch]
         if paired and strategy != "scratch":
             row["vs_scratch"] = {"per_seed": [float(d) for d in paired], "mean": float(np.mean(paired)),
                                  "std": float(np.std(paired))}
@@ -143,7 +144,7 @@ def strategy_colors(names) -> dict:
 REFERENCE_STYLE = {"bayes": ("black", "-"), "count": ("dimgray", "--"), "chance": ("silver", ":")}
 
 
-def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool,
+def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep,
          references: list[dict] | None = None, pretrained_loss: float | None = None,
          optimal_lm_loss: float | None = None) -> None:
     """Three panels that do not exaggerate: the test metric with the references as lines
@@ -155,6 +156,8 @@ def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool,
     import matplotlib.pyplot as plt
 
     metric = task_kind(kind).metric
+    knob = {True: "relatedness", False: None}.get(sweep, sweep)  # the swept knob, or None
+    sweep = knob is not None
     refs = summarize_references(references or [], kind)
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.8))
     strategies = list(dict.fromkeys(e["strategy"] for e in entries))
@@ -163,15 +166,17 @@ def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool,
     if sweep:
         for s in strategies:
             rows = [r for r in summary if r["strategy"] == s]
-            ax1.errorbar([r["relatedness"] for r in rows], [r["mean"] for r in rows],
+            ax1.errorbar([r[knob] for r in rows], [r["mean"] for r in rows],
                          yerr=[r["std"] for r in rows], marker="o", capsize=3, label=s, color=colors[s])
         for name, (color, style) in REFERENCE_STYLE.items():
             rows = [r for r in refs if r["name"] == name]
-            if rows:
+            if rows and knob == "relatedness":
                 ax1.plot([r["relatedness"] for r in rows], [r["mean"] for r in rows], style, color=color,
                          label=REFERENCE_LABELS[name])
-        ax1.set_xlabel("relatedness")
-        ax1.set_title(f"test {metric} vs relatedness (mean +- std over seeds)")
+        ax1.set_xlabel(knob)
+        if knob == "lr":
+            ax1.set_xscale("log")
+        ax1.set_title(f"test {metric} vs {knob} (mean +- std over seeds)")
     else:
         rows = [r for r in summary if r["relatedness"] == top_r]
         ax1.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["std"] for r in rows],
@@ -194,10 +199,12 @@ def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep: bool,
         for s in strategies:
             rows = [r for r in gains if r["strategy"] == s]
             if rows:
-                ax2.errorbar([r["relatedness"] for r in rows], [r["vs_scratch"]["mean"] for r in rows],
+                ax2.errorbar([r[knob] for r in rows], [r["vs_scratch"]["mean"] for r in rows],
                              yerr=[r["vs_scratch"]["std"] for r in rows], marker="o", capsize=3,
                              color=colors[s], label=s)
-        ax2.set_xlabel("relatedness")
+        ax2.set_xlabel(knob)
+        if knob == "lr":
+            ax2.set_xscale("log")
     elif gains:
         ax2.bar(range(len(gains)), [r["vs_scratch"]["mean"] for r in gains],
                 yerr=[r["vs_scratch"]["std"] for r in gains], color=[colors[r["strategy"]] for r in gains],

@@ -16,11 +16,13 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from . import checkpoint as C
 from . import lora
 from . import masks as M
 from . import strategies as S
-from .config import config_hash, replace_in
+from .config import config_hash, finetune_for, replace_in
 from .fileio import write_json_atomic
 from .model import GPT, GPTConfig
 from .baselines import baselines_for, source_reference
@@ -151,14 +153,14 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
         splits = [append_cls(s, model.config.cls_id) for s in splits]
     data = Data(kind, *splits)
     bar = Progress(f"{strategy} (seed {seed})", config.finetune.steps, progress)
-    result = train(model, data, plan, config.finetune, seed=seed, progress=bar,
+    result = train(model, data, plan, finetune_for(config, strategy), seed=seed, progress=bar,
                    checkpoint=checkpoint, resume=resume,
                    extra={"kind": "finetune", "strategy": strategy, "seed": seed, "task": kind,
                           "relatedness": config.task.relatedness})
     test = evaluate(model, kind, data.test, cache=result.cache, cache_name="test")
     entry = {
         "strategy": strategy, "task": kind, "seed": seed,
-        "relatedness": config.task.relatedness,
+        "relatedness": config.task.relatedness, "lr": finetune_for(config, strategy).lr,
         "trainable_params": result.trainable_params,
         "trainable_params_by_phase": result.trainable_by_phase,
         "total_params": int(sum(p.size for p in model.params.values())),
@@ -208,10 +210,42 @@ def ensure_pretrained(config, pretrained: str | None, progress: bool):
     return path, {"path": str(path), "cached": False, **info}
 
 
-def run_checkpoint_path(config, strategy: str, seed: int, sweep: bool = False) -> Path:
+# what --sweep can vary: the config key each point sets, and the runner knob listing the points
+SWEEPS = {"relatedness": ("task.relatedness", "sweep_values"), "lr": ("finetune.lr", "lr_values")}
+
+
+def sweep_points(config, sweep) -> list:
+    """(value, config) for each point of the sweep; [(None, config)] without one. In an lr
+    sweep every strategy runs at the point's rate (strategies.lr is set aside)."""
+    if sweep is None:
+        return [(None, config)]
+    key, values = SWEEPS[sweep]
+    points = []
+    for value in getattr(config.runner, values):
+        cfg = replace_in(config, key, float(value))
+        if sweep == "lr":
+            cfg = replace_in(cfg, "strategies.lr", {name: 0.0 for name in S.STRATEGIES})
+        points.append((float(value), cfg))
+    return points
+
+
+def choose_rates(entries: list[dict], kind: str) -> dict:
+    """Each strategy's rate in an lr sweep: the best mean over seeds of its best VALIDATION
+    metric (the history's evaluations; never the test split). Ties go to the smaller rate."""
+    goal = task_kind(kind)
+    scores: dict = {}
+    for e in entries:
+        values = [h[goal.metric] for h in e["history"]]
+        best = max(values) if goal.goal == "max" else -min(values)
+        scores.setdefault(e["strategy"], {}).setdefault(e["lr"], []).append(best)
+    return {s: max(sorted(by_lr), key=lambda lr: np.mean(by_lr[lr])) for s, by_lr in scores.items()}
+
+
+def run_checkpoint_path(config, strategy: str, seed: int, sweep=None) -> Path:
     """Where run() keeps the resumable checkpoint of one fine-tuning run while it trains:
-    <cache_dir>/runs/<strategy>-<task>-seed<k>.npz (with -rel<r> before -seed in a sweep)."""
-    rel = f"-rel{config.task.relatedness:g}" if sweep else ""
+    <cache_dir>/runs/<strategy>-<task>-seed<k>.npz (with -rel<r> or -lr<rate> in a sweep)."""
+    rel = {"relatedness": f"-rel{config.task.relatedness:g}",
+           "lr": f"-lr{config.finetune.lr:g}"}.get({True: "relatedness"}.get(sweep, sweep), "")
     path = Path(config.runner.cache_dir) / "runs" / f"{strategy}-{config.task.target}{rel}-seed{seed}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
@@ -229,14 +263,13 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
     source_val = make_source(spec).val
     pre_info["source_lm_loss"] = source_lm_loss(C.model_from_checkpoint(pretrained), pretrained, source_val)
     pre_info["optimal_lm_loss"] = source_reference(spec)["optimal_lm_loss"]
-    values = config.runner.sweep_values if sweep == "relatedness" else (config.task.relatedness,)
+    points = sweep_points(config, sweep)
     entries = []
-    for value in values:
-        cfg = replace_in(config, "task.relatedness", float(value))
+    for _, cfg in points:
         for seed in config.runner.seeds:
             for strategy in config.runner.strategies:
                 # resumable with --resume if the run is interrupted; removed once it finishes
-                ckpt_path = run_checkpoint_path(cfg, strategy, seed, sweep == "relatedness")
+                ckpt_path = run_checkpoint_path(cfg, strategy, seed, sweep)
                 try:
                     entries.append(run_one(cfg, strategy, seed, pretrained, source_val, progress,
                                            checkpoint=str(ckpt_path)))
@@ -247,20 +280,27 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
                 ckpt_path.unlink(missing_ok=True)
     kind = config.task.target
     summary = summarize(entries, kind)
-    references = reference_entries(config, values)
+    references = reference_entries(config, [v for v, _ in points] if sweep == "relatedness"
+                                   else [config.task.relatedness])
     out = {
         "config": config.to_dict(), "sweep": sweep, "pretrained": pre_info, "summary": summary,
         "baselines": references, "results": entries, "seconds": round(time.perf_counter() - t0, 2),
     }
+    if sweep == "lr":
+        out["lr_choice"] = choose_rates(entries, kind)
     write_json_atomic(config.runner.output, out)
     print(table(summary, pre_info["source_lm_loss"], summarize_references(references, kind),
                 pre_info["optimal_lm_loss"]))
     try:
-        plot(config.runner.plot, entries, summary, kind, sweep == "relatedness", references,
+        plot(config.runner.plot, entries, summary, kind, sweep, references,
              pre_info["source_lm_loss"], pre_info["optimal_lm_loss"])
         print(f"results: {config.runner.output}   plot: {config.runner.plot}")
     except ImportError:
         print(f"results: {config.runner.output}   (no plot: matplotlib is not installed)")
+    if sweep == "lr":
+        print("rates chosen on the validation split (paste into config.yaml):\nstrategies:\n  lr:")
+        for strategy, lr in out["lr_choice"].items():
+            print(f"    {strategy}: {lr:g}")
     log.info("done in %.1fs", time.perf_counter() - t0)
     return 0
 
