@@ -24,6 +24,7 @@ Docs: docs/model.md, docs/residual.md (fan-out gradients), docs/tied_weights.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -204,6 +205,18 @@ def block_backward(dx, cache, need_dw=lambda name: True):
     return dx + dres, grads
 
 
+@functools.lru_cache(maxsize=None)
+def zero_gradient(shape, dtype) -> np.ndarray:
+    """The gradient of a frozen or unreached parameter: zeros of that shape, costing nothing.
+
+    A read-only broadcast view of one 0-d zero, shared by every parameter of that shape
+    and dtype: no memory, no fill, no allocation per step. It reads as any zero array
+    (`g.any()`, `g.shape`, `g.dtype`); writing to it raises, and the optimizer skips it
+    when the parameter is frozen (optim.py).
+    """
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
 class BackboneCache(NamedTuple):
     emb: tuple
     embdrop: object
@@ -357,7 +370,9 @@ class GPT:
     def backward(self) -> dict[str, np.ndarray]:
         """Gradients of the last forward's loss for every parameter (same keys and shapes).
 
-        Fully frozen parameters get a zero array and none of their work is done.
+        Fully frozen parameters get a zero array (a shared read-only view, `zero_gradient`)
+        and none of their work is done. The caches are released at the end: one forward,
+        one backward.
         """
         if self._cache is None or self._cache["dlogits"] is None:
             raise RuntimeError("backward() needs a forward pass with targets first")
@@ -393,7 +408,10 @@ class GPT:
 
         for name, g in grads.items():  # frozen or unreached: an explicit zero gradient
             if g is None or M.is_frozen(self, name):
-                grads[name] = np.zeros_like(p[name])
+                grads[name] = zero_gradient(p[name].shape, p[name].dtype)
+        # the activations are not needed any more: free them now, not at the next forward
+        # (a second backward() needs a new forward; docs/performance.md#memory)
+        self.clear_caches()
         return grads
 
     # ------------------------------------------------------------------ state
