@@ -82,27 +82,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-# numpy's wheels bundle OpenBLAS with renamed symbols; the plain names cover other builds
-_OPENBLAS_THREAD_FUNCS = [
-    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-    ("openblas_get_num_threads", "openblas_set_num_threads"),
-]
-
-
 def _openblas_thread_funcs():
     """(get, set) ctypes functions of the OpenBLAS NumPy loaded, or None if not found."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-    except OSError:  # not Linux
-        return None
-    for path in sorted(paths):
-        lib = ctypes.CDLL(path)  # already loaded by numpy: this only returns a handle
-        for get_name, set_name in _OPENBLAS_THREAD_FUNCS:
-            if hasattr(lib, get_name) and hasattr(lib, set_name):
-                return getattr(lib, get_name), getattr(lib, set_name)
-    return None
+    from transferlab.kernels import openblas_thread_funcs
+
+    return openblas_thread_funcs()
 
 
 def set_threads(n: int, torch=None) -> dict:
@@ -378,8 +362,20 @@ def bench_size(name, repeat, torch=None, spec=None, peak_n=1024, threads=1,
     def np_train():
         opt.step(np_fwd_bwd())
 
+    def in_parts(fn, n):  # the same model, its backbone on n batch parts in n threads
+        def run():
+            model.batch_threads = n
+            try:
+                return fn()
+            finally:
+                model.batch_threads = 1
+        return run
+
     fwd_bwd = {"numpy": np_fwd_bwd}
     train = {"numpy": np_train}
+    if threads > 1:  # GPT(..., batch_threads=threads): the explicit switch, timed beside
+        fwd_bwd["numpy_threads"] = in_parts(np_fwd_bwd, threads)
+        train["numpy_threads"] = in_parts(np_train, threads)
     if torch is not None:
         tmodel = TorchGPT(torch, model)
         tidx, ttargets = torch.tensor(idx), torch.tensor(targets)
@@ -403,6 +399,7 @@ def bench_size(name, repeat, torch=None, spec=None, peak_n=1024, threads=1,
         set_threads(1, torch)
         try:
             for key, fns in (("fwd_bwd", fwd_bwd), ("train_step", train)):
+                fns = {who: fn for who, fn in fns.items() if who != "numpy_threads"}
                 out[key]["one_thread"] = _summarise_cpu(rested(fns, repeat, warmup=1))
         finally:
             set_threads(threads, torch)
@@ -456,6 +453,9 @@ def _summarise(runs, flops, tokens, peak_flops) -> dict:
         res["ratio"] = res["numpy_ms"] / res["torch_ms"]  # numpy time / torch time, medians
         res["ratio_best"] = res["numpy_ms_best"] / res["torch_ms_best"]  # the fastest of each
         res["ratio_cpu"] = res["numpy_cpu_ms"] / res["torch_cpu_ms"]
+        if "numpy_threads_ms" in res:
+            res["ratio_threads"] = res["numpy_threads_ms"] / res["torch_ms"]
+            res["ratio_threads_best"] = res["numpy_threads_ms_best"] / res["torch_ms_best"]
     return res
 
 
@@ -831,6 +831,8 @@ def format_report(result) -> str:
         "",
         f"{th['requested']} thread(s): wall ms | 1 thread: CPU ms | CPU use in cores during "
         "the timed calls: numpy, torch, other processes",
+        f"batch/N rows: the same NumPy model with GPT(..., batch_threads=N), the backbone on N "
+        "parts of the batch in N threads (BLAS at 1 thread each)",
         f"{'size':7} {'step':10} {'numpy ms':>9} {'torch ms':>9} {'np/torch':>8} {'best':>6} | "
         f"{'np cpu':>8} {'tch cpu':>8} {'np/torch':>8} | {'np':>4} {'torch':>5} {'others':>6} | "
         f"{'GFLOP/s':>7} {'%peak':>6}",
@@ -846,6 +848,14 @@ def format_report(result) -> str:
                 f"{_fmt(one.get('ratio_cpu'), '8.2f')} | {s['numpy_cpu_use']:4.2f} "
                 f"{_fmt(s.get('torch_cpu_use'), '5.2f')} {_fmt(s.get('numpy_others_cpu'), '6.2f')} | "
                 f"{s['numpy_gflops']:7.1f} {100 * s['numpy_peak_fraction']:5.1f}%")
+            if "numpy_threads_ms" in s:
+                lines.append(
+                    f"{'':7} {'  batch/' + str(th['requested']):10} {s['numpy_threads_ms']:9.1f} "
+                    f"{'':9} {_fmt(s.get('ratio_threads'), '8.2f')} "
+                    f"{_fmt(s.get('ratio_threads_best'), '6.2f')} | {'':8} {'':8} {'':8} | "
+                    f"{s['numpy_threads_cpu_use']:4.2f} {'':5} "
+                    f"{_fmt(s.get('numpy_threads_others_cpu'), '6.2f')} | "
+                    f"{s['numpy_threads_gflops']:7.1f} {100 * s['numpy_threads_peak_fraction']:5.1f}%")
         if "loss_torch" in r:
             lines.append(f"{'':7} same weights, same batch: loss numpy {r['loss_numpy']:.6f}, "
                          f"torch {r['loss_torch']:.6f}; load (1 min) {r['load_before'][0]} -> "

@@ -218,3 +218,58 @@ def test_tiled_attention_falls_back_where_tiles_cannot_skip_anything(causal, T):
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(K.attention_backward_tiled(dy, cache)[0],
                                L.attention_backward(dy, ref_cache)[0], rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# batch parts in threads (GPT(..., batch_threads=2)): the one-thread numbers
+
+
+def _loss_and_grads(model, idx, y, mask=None):
+    logits, loss = model(idx, y, attention_mask=mask)
+    return logits, loss, model.backward()
+
+
+@pytest.mark.parametrize("head, frozen", [("lm", False), ("sequence", False), ("lm", True)])
+def test_batch_parts_in_threads_give_the_one_thread_numbers(head, frozen):
+    from transferlab import masks as M
+
+    cfg = GPTConfig(vocab_size=11, block_size=70, n_layer=2, n_head=2, n_embd=8, dtype="float64",
+                    head=head, n_classes=3, pooling="mean")
+    r = np.random.default_rng(6)
+    idx = r.integers(0, 11, (5, 70))  # 5 rows: parts of 2 and 3; T = 70 > a tile of 64
+    y = r.integers(0, 11, (5, 70)) if head == "lm" else r.integers(0, 3, 5)
+    mask = None if head == "lm" else (np.arange(70)[None, :] < np.array([70, 40, 3, 70, 66])[:, None])
+    one, two = GPT(cfg, seed=2), GPT(cfg, seed=2, batch_threads=2)
+    if frozen:
+        M.freeze_to(one, 1), M.freeze_to(two, 1)
+    l1, loss1, g1 = _loss_and_grads(one, idx, y, mask)
+    l2, loss2, g2 = _loss_and_grads(two, idx, y, mask)
+    np.testing.assert_allclose(l2, l1, rtol=1e-12, atol=1e-12)
+    assert loss2 == pytest.approx(loss1, rel=1e-12)
+    assert g2.keys() == g1.keys()
+    for name in g1:
+        np.testing.assert_allclose(g2[name], g1[name], rtol=1e-10, atol=1e-13, err_msg=name)
+    assert _loss_and_grads(two, idx, y, mask)[1] == loss2  # run after run: the same numbers
+
+
+def test_batch_threads_fall_back_to_one_thread_under_dropout_and_are_validated():
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.1,
+                    dtype="float64")
+    idx = np.random.default_rng(7).integers(0, 11, (4, 8))
+    one, two = GPT(cfg, seed=3), GPT(cfg, seed=3, batch_threads=2)
+    # dropout draws from one RNG: threads would reorder the draws, so the batch stays whole
+    assert _loss_and_grads(one, idx, idx)[1] == _loss_and_grads(two, idx, idx)[1]
+    with pytest.raises(ValueError, match="batch_threads must be a positive integer, got 0"):
+        GPT(cfg, batch_threads=0)
+
+
+def test_backward_releases_the_caches():
+    """One forward, one backward: the activations are freed when backward is done, and a
+    second backward needs a new forward."""
+    model = GPT(GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4), seed=0)
+    model(np.zeros((1, 4), dtype=int), np.zeros((1, 4), dtype=int))
+    grads = model.backward()
+    assert model._cache is None and model._backbone_cache is None
+    assert set(grads) == set(model.params)
+    with pytest.raises(RuntimeError, match="needs a forward pass with targets"):
+        model.backward()

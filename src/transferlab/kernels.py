@@ -22,7 +22,10 @@ and `src/bench.py` times one table against another the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -369,6 +372,47 @@ def attention_backward_tiled(dy, cache):
         dq[bs, :, qt] *= scale
         dk[bs, :, kt] += datt.transpose(0, 1, 3, 2) @ qs[bs, :, qt]
     return (dqkv.reshape(B, T, 3 * C),)
+
+
+# ----------------------------------------------------------------------------------------
+# BLAS threads (model.batch_threads runs parts of the batch in threads, BLAS at one each)
+
+# numpy's wheels bundle OpenBLAS with renamed symbols; the plain names cover other builds
+_OPENBLAS_THREAD_FUNCS = [
+    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+    ("openblas_get_num_threads", "openblas_set_num_threads"),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def openblas_thread_funcs():
+    """(get, set) ctypes functions of the OpenBLAS NumPy loaded, or None if not found."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+    except OSError:  # not Linux
+        return None
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)  # already loaded by numpy: this only returns a handle
+        for get_name, set_name in _OPENBLAS_THREAD_FUNCS:
+            if hasattr(lib, get_name) and hasattr(lib, set_name):
+                return getattr(lib, get_name), getattr(lib, set_name)
+    return None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """OpenBLAS at n threads inside the block, as before after it (no-op for another BLAS)."""
+    funcs = openblas_thread_funcs()
+    before = int(funcs[0]()) if funcs else n
+    if before != n:
+        funcs[1](ctypes.c_int(n))
+    try:
+        yield
+    finally:
+        if before != n:
+            funcs[1](ctypes.c_int(before))
 
 
 # ----------------------------------------------------------------------------------------
