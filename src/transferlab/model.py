@@ -10,13 +10,16 @@ Parameter names and shapes are those of Hugging Face's GPT2Model state dict (wit
 `transformer.` prefix), weights laid out [in, out] so every linear layer is x @ W + b.
 
 `model.backward()` runs the chain rule back through exactly the caches the last forward
-stored. It honours `model.masks` (name -> 0/1 array, see masks.py): a fully frozen tensor
-gets no gradient computed (a zero array is returned in its place), frozen blocks run in
+stored, then frees them. It honours `model.masks` (name -> 0/1 array, see masks.py): a
+fully frozen tensor gets no gradient computed (a shared read-only zero array is returned
+in its place, `zero_gradient`), frozen blocks run in
 inference mode (no dropout), and the backward pass stops below the lowest trainable
 depth (masks.lowest_trainable_depth), so with a frozen backbone only the head's backward runs.
 
 The layer functions come from a kernel table (kernels.py): the fast forms by default,
-`GPT(config, kernels="plain")` for the plain forms of layers.py. Heads and head switching
+`GPT(config, kernels="plain")` for the plain forms of layers.py. `GPT(config,
+batch_threads=2)` runs the backbone on two halves of the batch in two threads (the same
+numbers up to float rounding; docs/performance.md#batch-parts-in-threads). Heads and head switching
 live in heads.py, freezing in masks.py, loading other tools' state dicts in weights.py.
 
 Docs: docs/model.md, docs/residual.md (fan-out gradients), docs/tied_weights.md.
