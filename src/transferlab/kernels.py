@@ -49,7 +49,7 @@ def _sum_lastdim(x):
 CHUNK_BYTES = 1 << 18  # one operand's chunk: 256 KB. A fast elementwise kernel makes 5-10
 # passes over its arrays; over the whole (B, T, 4C) array each pass streams from main
 # memory, over a chunk of rows the 3-4 operands (~1 MB) stay in L2 (1-2 MB per core on
-# the machines measured) between passes. docs/performance.md#chunked-elementwise.
+# the machines measured) between passes. docs/performance.md#chunked-gelu-and-layernorm.
 
 
 def row_chunks(n_rows: int, row_bytes: int, chunk_bytes: int | None = None) -> list[slice]:

@@ -18,9 +18,9 @@ depth (masks.lowest_trainable_depth), so with a frozen backbone only the head's 
 
 The layer functions come from a kernel table (kernels.py): the fast forms by default,
 `GPT(config, kernels="plain")` for the plain forms of layers.py. `GPT(config,
-batch_threads=2)` runs the backbone on two halves of the batch in two threads (the same
-numbers up to float rounding; docs/performance.md#batch-parts-in-threads). Heads and head switching
-live in heads.py, freezing in masks.py, loading other tools' state dicts in weights.py.
+batch_threads=2)` runs the backbone on two halves of the batch in two threads, the same
+numbers up to float rounding (docs/performance.md#batch-parts-in-threads). Heads and
+head switching live in heads.py, freezing in masks.py, loading other tools' state dicts in weights.py.
 
 Docs: docs/model.md, docs/residual.md (fan-out gradients), docs/tied_weights.md.
 """
@@ -480,7 +480,8 @@ class GPT:
             if g is None or M.is_frozen(self, name):
                 grads[name] = zero_gradient(p[name].shape, p[name].dtype)
         # the activations are not needed any more: free them now, not at the next forward
-        # (a second backward() needs a new forward; docs/performance.md#memory)
+        # (a second backward() needs a new forward), see
+        # docs/performance.md#memory-caches-released-when-backward-is-done
         self.clear_caches()
         return grads
 
