@@ -686,6 +686,77 @@ def profile_torch(torch, name, steps=5, top=10, spec=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
+# --kernels: each fast form against the forms it builds on, one layer, one thread
+
+
+def kernel_gains(sizes, repeat=7, rest=0.05) -> dict:
+    """CPU ms (best of `repeat`, one BLAS thread) of one layer's forward+backward on each
+    size's shapes: the plain form (layers.py), the in-place form (kernels.*_fast) and the
+    table's form (chunked GELU and LayerNorm, tiled attention), side by side."""
+    from transferlab import kernels as K
+    from transferlab import layers as L
+
+    def best_cpu_ms(fn):
+        fn()
+        best = float("inf")
+        for _ in range(repeat):
+            time.sleep(rest)
+            t0 = cpu_seconds()
+            fn()
+            best = min(best, cpu_seconds() - t0)
+        return best * 1e3
+
+    def fwd_bwd(forward, backward, dout, *args):
+        def run():
+            out, cache = forward(*args)
+            backward(out if dout is None else dout, cache)
+        return run
+
+    set_threads(1)
+    rng = np.random.default_rng(0)
+    result = {}
+    for name in sizes:
+        sp = SIZES[name]
+        B, T, C, NH = sp["batch"], sp["block_size"], sp["n_embd"], sp["n_head"]
+        x4 = rng.standard_normal((B, T, 4 * C), dtype=np.float32)  # GELU's input (B, T, 4C)
+        x = rng.standard_normal((B, T, C), dtype=np.float32)  # LayerNorm's (B, T, C)
+        w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+        qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32)  # (B, T, 3C)
+        dy = rng.standard_normal((B, T, C), dtype=np.float32)
+        allowed = L.attention_mask(T, True)
+        forms = {
+            "gelu": [(L.gelu_forward, L.gelu_backward), (K.gelu_forward_fast, K.gelu_backward_fast),
+                     (K.gelu_forward_chunked, K.gelu_backward_chunked)],
+            "layernorm": [(L.layernorm_forward, L.layernorm_backward),
+                          (K.layernorm_forward_fast, K.layernorm_backward_fast),
+                          (K.layernorm_forward_chunked, K.layernorm_backward_chunked)],
+            "attention": [(L.attention_forward, L.attention_backward),
+                          (K.attention_forward_fast, K.attention_backward_fast),
+                          (K.attention_forward_tiled, K.attention_backward_tiled)],
+        }
+        args = {"gelu": (None, x4), "layernorm": (None, x, w, b), "attention": (dy, qkv, NH, allowed)}
+        result[name] = {}
+        for layer, pairs in forms.items():
+            dout, *a = args[layer]
+            ms = [best_cpu_ms(fwd_bwd(f, bwd, dout, *a)) for f, bwd in pairs]
+            result[name][layer] = dict(zip(("plain_ms", "inplace_ms", "table_ms"), ms))
+    return result
+
+
+def format_kernel_gains(result) -> str:
+    lines = ["one layer's forward+backward, CPU ms, one thread (best of repeats): plain "
+             "(layers.py), in-place (kernels.*_fast), the fast table's form (chunked / tiled)",
+             f"{'size':7} {'layer':10} {'plain':>8} {'in-place':>9} {'table':>8} "
+             f"{'vs in-place':>11} {'vs plain':>9}"]
+    for name, layers in result.items():
+        for layer, r in layers.items():
+            lines.append(f"{name:7} {layer:10} {r['plain_ms']:8.2f} {r['inplace_ms']:9.2f} "
+                         f"{r['table_ms']:8.2f} {r['inplace_ms'] / r['table_ms']:10.2f}x "
+                         f"{r['plain_ms'] / r['table_ms']:8.2f}x")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
 # --compare-layers REV: the kernels of an older revision against the working tree
 
 
@@ -971,6 +1042,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="also show where the time goes")
     parser.add_argument("--compare-layers", metavar="REV",
                         help="instead: time layers.py of git revision REV against the working tree")
+    parser.add_argument("--kernels", action="store_true",
+                        help="instead: each fast kernel against its plain and in-place forms")
     parser.add_argument("--rss-child", nargs=2, metavar=("SIZE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -982,6 +1055,13 @@ def main(argv=None) -> int:
     REST_S = args.rest
     if args.rss_child:
         print(json.dumps(rss_child(*args.rss_child, args.threads or available_cores())))
+        return 0
+    if args.kernels:
+        result = kernel_gains(args.sizes, args.repeat)
+        print(f"load average (1, 5, 15 min): {load_average()}")
+        print(format_kernel_gains(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0
     if args.compare_layers:
         threads = set_threads(args.threads or available_cores())

@@ -178,3 +178,11 @@ def test_compare_layers_runs_each_side_through_its_own_kernel_table():
     assert result["before_ms"] > 0 and result["after_ms"] > 0
     assert result["kernels_before_ms"]["attention_forward"] > 0
     assert FAST.attention_forward.__module__ == "transferlab.kernels"  # nothing was rebound
+
+
+def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
+    result = bench.kernel_gains(["tiny"], repeat=1, rest=0.0)["tiny"]
+    assert set(result) == {"gelu", "layernorm", "attention"}
+    for r in result.values():
+        assert r["plain_ms"] > 0 and r["inplace_ms"] > 0 and r["table_ms"] > 0
+    assert "attention" in bench.format_kernel_gains({"tiny": result})
