@@ -51,12 +51,24 @@ SIZES = {
     "tiny": dict(vocab_size=32, block_size=32, n_layer=2, n_head=4, n_embd=64, batch=32),
     "small": dict(vocab_size=64, block_size=64, n_layer=4, n_head=4, n_embd=128, batch=32),
     "medium": dict(vocab_size=256, block_size=128, n_layer=6, n_head=8, n_embd=256, batch=16),
+    # GPT-2 124M's shape (its vocabulary and width, 12 layers and heads) on T = 256, B = 4:
+    # ~8 s a step on 2 cores, so it runs at most GPT2_REPEAT timed repetitions
+    "gpt2": dict(vocab_size=50257, block_size=256, n_layer=12, n_head=12, n_embd=768, batch=4),
 }
+GPT2_REPEAT = 3
+FEATURE_CACHE_SIZES = ("tiny", "small", "medium")  # the head-only comparison skips gpt2
 SCALING_BASE = "small"  # step time against T and against batch, other sizes fixed
 SCALING_T = (32, 64, 128)
 SCALING_BATCH = (8, 16, 32)
 WARMUP = 2  # untimed steps before timing: first-touch page faults, BLAS buffers, caches
+REST_S = 0.2  # pause before every timed call: an idle OpenBLAS worker spins ~0.1 s after
+# each call and slows whatever runs next on the other core (issue 15); resting first
+# lets it go to sleep, so no contender pays for the one that ran before it
+QUIET_LOAD = 1.5  # a 1-minute load average above this before a run: not a quiet machine
+QUIET_OTHERS = 0.25  # other processes using more than this many cores during our timed
+# calls (from /proc/stat, our own CPU time subtracted): not a quiet machine
 N_CLASSES = 4  # the sequence head of the feature-cache comparison
+SPARSE_KEEP = 0.05  # the sparse-mask step: this fraction of each weight matrix trains
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,27 +82,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-# numpy's wheels bundle OpenBLAS with renamed symbols; the plain names cover other builds
-_OPENBLAS_THREAD_FUNCS = [
-    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-    ("openblas_get_num_threads", "openblas_set_num_threads"),
-]
-
-
 def _openblas_thread_funcs():
     """(get, set) ctypes functions of the OpenBLAS NumPy loaded, or None if not found."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-    except OSError:  # not Linux
-        return None
-    for path in sorted(paths):
-        lib = ctypes.CDLL(path)  # already loaded by numpy: this only returns a handle
-        for get_name, set_name in _OPENBLAS_THREAD_FUNCS:
-            if hasattr(lib, get_name) and hasattr(lib, set_name):
-                return getattr(lib, get_name), getattr(lib, set_name)
-    return None
+    from transferlab.kernels import openblas_thread_funcs
+
+    return openblas_thread_funcs()
 
 
 def set_threads(n: int, torch=None) -> dict:
@@ -165,28 +161,68 @@ def matmul_peak(n: int = 1024):
 # timing: interleaved repetitions, medians
 
 
-def _seconds(fn) -> float:
+def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used so far, summed over all its threads
+    (OpenBLAS's workers and torch's intra-op pool included). time.process_time reads the
+    process CPU clock to the nanosecond; os.times counts 10 ms clock ticks, too coarse for
+    a 10 ms step."""
+    return time.process_time()
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all cores of the machine have spent not idle since boot (/proc/stat,
+    clock-tick resolution), or None where /proc/stat does not exist."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user .. steal
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def timed_call(fn) -> dict:
+    """Run fn once: wall time, this process's CPU time, and the CPU time every other
+    process on the machine used meanwhile (all in seconds; others None off Linux)."""
+    m0, c0 = machine_busy_seconds(), cpu_seconds()
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    cpu, m1 = cpu_seconds() - c0, machine_busy_seconds()
+    others = None if m0 is None or m1 is None else max(0.0, (m1 - m0) - cpu)
+    return {"wall": wall, "cpu": cpu, "others": others}
 
 
-def interleaved(fns: dict, repeat: int, warmup: int = WARMUP) -> dict:
-    """name -> list of `repeat` wall times (s), the callables run alternately.
+def rested(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = None) -> dict:
+    """name -> list of `repeat` timed_call records, the callables run alternately, each
+    after a rest of `rest` seconds.
 
-    Repetition r runs the callables in order, r + 1 in reverse order, and so on (A B, B A,
-    A B, ...): on a shared machine the load drifts, and alternating gives every contender
-    the same drift; neither is always the one that runs right after the other.
+    Repetition r runs the callables in order, r + 1 in reverse order (A B, B A, A B, ...):
+    on a shared machine the load drifts, and alternating gives every contender the same
+    drift. The rest (default REST_S, `--rest`) before every timed call removes the other
+    bias of running one after
+    another: OpenBLAS's idle worker spin-waits ~0.1 s after each call, and during that
+    time it takes the second core from whatever runs next (PyTorch measured 70 ms rested
+    and 130 ms right after an OpenBLAS call at the small size).
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    rest = REST_S if rest is None else rest
     names = list(fns)
-    times = {name: [] for name in names}
+    runs = {name: [] for name in names}
     for r in range(repeat):
         for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(_seconds(fns[name]))
-    return times
+            if rest > 0:
+                time.sleep(rest)
+            runs[name].append(timed_call(fns[name]))
+    return runs
+
+
+def interleaved(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = None) -> dict:
+    """name -> list of `repeat` wall times (s): `rested` without the CPU columns."""
+    return {name: [r["wall"] for r in runs]
+            for name, runs in rested(fns, repeat, warmup, rest).items()}
 
 
 def median_ms(times) -> float:
@@ -247,11 +283,14 @@ class TorchGPT:
     LM head tied to wte. Eager mode, float32.
     """
 
-    def __init__(self, torch, model: GPT):
+    def __init__(self, torch, model: GPT, share: bool = False):
         cfg = model.config
         self.torch, self.F = torch, torch.nn.functional
         self.L, self.NH, self.C = cfg.n_layer, cfg.n_head, cfg.n_embd
-        self.p = {name: torch.tensor(a, requires_grad=True) for name, a in model.params.items()}
+        # share=True: the tensors use the NumPy arrays' memory (the peak-RSS child, where
+        # a second copy of the weights would be counted against PyTorch)
+        copy = (lambda a: torch.from_numpy(a)) if share else torch.tensor
+        self.p = {name: copy(a).requires_grad_(True) for name, a in model.params.items()}
 
     def parameters(self):
         return list(self.p.values())
@@ -298,62 +337,113 @@ class TorchGPT:
 # benchmarks
 
 
-def bench_size(name, repeat, torch=None, spec=None, peak_n=1024) -> dict:
+def bench_size(name, repeat, torch=None, spec=None, peak_n=1024, threads=1,
+               one_thread=True) -> dict:
     """Forward+backward and training steps of one size, NumPy and (if given) PyTorch,
-    interleaved with each other and with the matmul that measures the peak."""
+    rested and alternated with each other and with the matmul that measures the peak,
+    at `threads` threads (wall-time ratios); then, if `one_thread` and threads > 1, again
+    at one thread each (CPU-time ratios). Peak RSS is measured apart: `peak_rss`."""
     spec = spec or SIZES[name]
+    if name == "gpt2":
+        repeat = min(repeat, GPT2_REPEAT)
+    warmup = 1 if name == "gpt2" else WARMUP
     model, idx, targets = lm_batch(spec)
     B, T = idx.shape
     flops = step_flops(spec["vocab_size"], T, spec["n_layer"], spec["n_embd"], B)
-    out = {"config": dict(spec), "tokens": B * T, "flops_per_step": flops}
+    out = {"config": dict(spec), "tokens": B * T, "flops_per_step": flops, "repeat": repeat,
+           "load_before": load_average()}
     peak_fn, peak_flops = matmul_peak(peak_n)
+    opt = make_adamw(model.params)
 
     def np_fwd_bwd():
         model(idx, targets)
         return model.backward()
 
-    fwd_bwd = {"numpy": np_fwd_bwd, "matmul_peak": peak_fn}
+    def np_train():
+        opt.step(np_fwd_bwd())
+
+    def in_parts(fn, n):  # the same model, its backbone on n batch parts in n threads
+        def run():
+            model.batch_threads = n
+            try:
+                return fn()
+            finally:
+                model.batch_threads = 1
+        return run
+
+    fwd_bwd = {"numpy": np_fwd_bwd}
+    train = {"numpy": np_train}
+    if threads > 1:  # GPT(..., batch_threads=threads): the explicit switch, timed beside
+        fwd_bwd["numpy_threads"] = in_parts(np_fwd_bwd, threads)
+        train["numpy_threads"] = in_parts(np_train, threads)
     if torch is not None:
         tmodel = TorchGPT(torch, model)
         tidx, ttargets = torch.tensor(idx), torch.tensor(targets)
         # the two models agree before any timing: the comparison is like for like
         out["loss_numpy"] = float(model(idx, targets)[1])
+        model.clear_caches()
         with torch.no_grad():
             out["loss_torch"] = float(tmodel.loss(tidx, ttargets))
-        fwd_bwd["torch"] = lambda: tmodel.fwd_bwd(tidx, ttargets)
-    out["fwd_bwd"] = _summarise(interleaved(fwd_bwd, repeat), flops, B * T, peak_flops)
-
-    opt = make_adamw(model.params)
-
-    def np_train():
-        opt.step(np_fwd_bwd())
-
-    train = {"numpy": np_train, "matmul_peak": peak_fn}
-    if torch is not None:
         topt = tmodel.adamw()
 
         def torch_train():
             tmodel.fwd_bwd(tidx, ttargets)
             topt.step()
 
+        fwd_bwd["torch"] = lambda: tmodel.fwd_bwd(tidx, ttargets)
         train["torch"] = torch_train
-    out["train_step"] = _summarise(interleaved(train, repeat), flops, B * T, peak_flops)
-    out["numpy_step_peak_mb"] = peak_traced_mb(np_train)
+    for key, fns in (("fwd_bwd", fwd_bwd), ("train_step", train)):
+        runs = rested({**fns, "matmul_peak": peak_fn}, repeat, warmup)
+        out[key] = _summarise(runs, flops, B * T, peak_flops)
+    if one_thread and threads > 1:
+        set_threads(1, torch)
+        try:
+            for key, fns in (("fwd_bwd", fwd_bwd), ("train_step", train)):
+                fns = {who: fn for who, fn in fns.items() if who != "numpy_threads"}
+                out[key]["one_thread"] = _summarise_cpu(rested(fns, repeat, warmup=1))
+        finally:
+            set_threads(threads, torch)
+    elif one_thread:  # the run is already at one thread: its CPU times are the 1-thread ones
+        for key in ("fwd_bwd", "train_step"):
+            out[key]["one_thread"] = {k: v for k, v in out[key].items() if k.endswith("cpu_ms")
+                                      or k == "ratio_cpu"}
+    out["load_after"] = load_average()
     return out
 
 
-def _summarise(times, flops, tokens, peak_flops) -> dict:
-    """Medians (and bests) of interleaved timings -> ms, tokens/s, GFLOP/s, fraction of peak."""
-    peak_times = times.pop("matmul_peak")
+def _summarise_cpu(runs) -> dict:
+    """Medians of CPU time per call (ms) for each side, and their ratio numpy / torch."""
+    res = {}
+    for who, rs in runs.items():
+        res[f"{who}_cpu_ms"] = median_ms([r["cpu"] for r in rs])
+        res[f"{who}_ms"] = median_ms([r["wall"] for r in rs])
+    if "torch_cpu_ms" in res:
+        res["ratio_cpu"] = res["numpy_cpu_ms"] / res["torch_cpu_ms"]
+        res["ratio"] = res["numpy_ms"] / res["torch_ms"]
+    return res
+
+
+def _summarise(runs, flops, tokens, peak_flops) -> dict:
+    """Medians (and bests) of rested, alternated calls -> ms, tokens/s, GFLOP/s, fraction of
+    peak; each side's CPU use (its CPU time / wall time, in cores) and the cores other
+    processes used meanwhile."""
+    runs = dict(runs)
+    peak_times = [r["wall"] for r in runs.pop("matmul_peak")]
     res = {"peak_gflops": peak_flops / statistics.median(peak_times) / 1e9,
            "peak_gflops_best": peak_flops / min(peak_times) / 1e9}
-    for who, ts in times.items():
+    for who, rs in runs.items():
+        ts = [r["wall"] for r in rs]
         ms = median_ms(ts)
         gflops = flops / (ms / 1e3) / 1e9
+        others = [r["others"] for r in rs if r["others"] is not None]
         res.update({
             f"{who}_ms": ms,
             f"{who}_ms_best": min(ts) * 1e3,
             f"{who}_ms_all": [t * 1e3 for t in ts],
+            f"{who}_cpu_ms": median_ms([r["cpu"] for r in rs]),
+            # cores in use on average during the timed calls: ours, and everyone else's
+            f"{who}_cpu_use": sum(r["cpu"] for r in rs) / sum(ts),
+            f"{who}_others_cpu": sum(others) / sum(ts) if others else None,
             f"{who}_tokens_per_s": tokens / (ms / 1e3),
             f"{who}_gflops": gflops,
             # median against median: both measured under the same (drifting) load
@@ -362,6 +452,79 @@ def _summarise(times, flops, tokens, peak_flops) -> dict:
     if "torch_ms" in res:
         res["ratio"] = res["numpy_ms"] / res["torch_ms"]  # numpy time / torch time, medians
         res["ratio_best"] = res["numpy_ms_best"] / res["torch_ms_best"]  # the fastest of each
+        res["ratio_cpu"] = res["numpy_cpu_ms"] / res["torch_cpu_ms"]
+        if "numpy_threads_ms" in res:
+            res["ratio_threads"] = res["numpy_threads_ms"] / res["torch_ms"]
+            res["ratio_threads_best"] = res["numpy_threads_ms_best"] / res["torch_ms_best"]
+    return res
+
+
+# ----------------------------------------------------------------------------------------
+# peak memory of a training step, each side in a fresh process
+
+
+def _rss_mb(field: str) -> float | None:
+    """A field of /proc/self/status (VmRSS: now, VmHWM: the peak so far) in MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return None
+
+
+def rss_child(name: str, side: str, threads: int) -> dict:
+    """What a fresh process does for `peak_rss`: build one size's model (and optimizer) on
+    one side, run two training steps (a warm one and the measured one), report its peak
+    RSS (VmHWM) and the RSS before the first step (weights, optimizer state
+    and imports). The PyTorch side shares the NumPy weights' memory, so the weights are
+    counted once on both sides."""
+    spec = SIZES[name]
+    torch = import_torch() if side == "torch" else None
+    set_threads(threads, torch)
+    model, idx, targets = lm_batch(spec)
+    if side == "numpy":
+        opt = make_adamw(model.params)
+
+        def step():
+            model(idx, targets)
+            opt.step(model.backward())
+    else:
+        tmodel = TorchGPT(torch, model, share=True)
+        tidx, ttargets = torch.tensor(idx), torch.tensor(targets)
+        topt = tmodel.adamw()
+
+        def step():
+            tmodel.fwd_bwd(tidx, ttargets)
+            topt.step()
+    before = _rss_mb("VmRSS")
+    step()
+    step()
+    # VmHWM, this process's own peak: getrusage's ru_maxrss of a child started by fork and
+    # exec carries over the parent's peak (Linux copies it at exec), so a child of a
+    # benchmark that imported torch would report at least the parent's RSS
+    peak = _rss_mb("VmHWM")
+    return {"side": side, "size": name, "rss_before_step_mb": before,
+            "peak_rss_mb": max_rss_mb() if peak is None else peak}
+
+
+def peak_rss(name: str, threads: int, use_torch: bool) -> dict:
+    """Peak RSS (MB) of a training step for each side, each in a fresh subprocess
+    (`rss_child`): numpy_mb, torch_mb, ratio; the RSS before the step beside each."""
+    res = {}
+    for side in ("numpy", "torch") if use_torch else ("numpy",):
+        done = subprocess.run([sys.executable, __file__, "--rss-child", name, side,
+                               "--threads", str(threads)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench.py: the {side} peak-RSS child for {name} failed: "
+                               f"{done.stderr.strip()[-500:]}")
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        res[f"{side}_mb"] = child["peak_rss_mb"]
+        res[f"{side}_before_step_mb"] = child["rss_before_step_mb"]
+    if use_torch:
+        res["ratio"] = res["numpy_mb"] / res["torch_mb"]
     return res
 
 
@@ -401,7 +564,14 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
             backward stops below the head
     cache   backbone frozen and run once (model.backbone, keep_cache=False); each step is
             forward_head on the cached features, backward, AdamW (as train.py does)
+    bitfit  only biases (and the head) train: masks.bias_only
+    sparse  a per-element mask on every weight keeping a random SPARSE_KEEP of its entries
+            (the shape of a Fisher top-k mask, FISH), the head fully trainable
+
+    A bitfit or sparse step must cost at most a full one (issue 15): their backward is the
+    full one, and their optimizer works on fewer entries.
     """
+    from transferlab import masks as M
     spec = spec or SIZES[name]
     cfg = GPTConfig(vocab_size=spec["vocab_size"], block_size=spec["block_size"],
                     n_layer=spec["n_layer"], n_head=spec["n_head"], n_embd=spec["n_embd"],
@@ -409,9 +579,14 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
     rng = np.random.default_rng(1)
     idx = rng.integers(0, cfg.vocab_size, (spec["batch"], cfg.block_size))
     y = rng.integers(0, N_CLASSES, spec["batch"])
-    models = {how: GPT(cfg, seed=0) for how in ("full", "masks", "cache")}
+    models = {how: GPT(cfg, seed=0) for how in ("full", "masks", "cache", "bitfit", "sparse")}
     for how in ("masks", "cache"):
         models[how].masks = frozen_masks(models[how])
+    M.bias_only(models["bitfit"])
+    keep = np.random.default_rng(2)
+    models["sparse"].masks = {n: (keep.random(p.shape) < SPARSE_KEEP).astype(p.dtype)
+                              for n, p in models["sparse"].params.items()
+                              if not M.is_head(n) and p.ndim >= 2}
     opts = {how: make_adamw(m.params, masks=m.masks) for how, m in models.items()}
 
     # filling the cache: one backbone pass per batch, paid once for all epochs
@@ -438,6 +613,8 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
         speedup_cache_vs_full=res["full_ms"] / res["cache_ms"],
         speedup_masks_vs_full=res["full_ms"] / res["masks_ms"],
         speedup_cache_vs_masks=res["masks_ms"] / res["cache_ms"],
+        bitfit_vs_full=res["bitfit_ms"] / res["full_ms"],
+        sparse_vs_full=res["sparse_ms"] / res["full_ms"],
     )
     return res
 
@@ -506,6 +683,77 @@ def profile_torch(torch, name, steps=5, top=10, spec=None) -> dict:
     ops = {e.key: {"ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count // steps}
            for e in events[:top]}
     return {"step_ms": total, "ops": ops}
+
+
+# ----------------------------------------------------------------------------------------
+# --kernels: each fast form against the forms it builds on, one layer, one thread
+
+
+def kernel_gains(sizes, repeat=7, rest=0.05) -> dict:
+    """CPU ms (best of `repeat`, one BLAS thread) of one layer's forward+backward on each
+    size's shapes: the plain form (layers.py), the in-place form (kernels.*_fast) and the
+    table's form (chunked GELU and LayerNorm, tiled attention), side by side."""
+    from transferlab import kernels as K
+    from transferlab import layers as L
+
+    def best_cpu_ms(fn):
+        fn()
+        best = float("inf")
+        for _ in range(repeat):
+            time.sleep(rest)
+            t0 = cpu_seconds()
+            fn()
+            best = min(best, cpu_seconds() - t0)
+        return best * 1e3
+
+    def fwd_bwd(forward, backward, dout, *args):
+        def run():
+            out, cache = forward(*args)
+            backward(out if dout is None else dout, cache)
+        return run
+
+    set_threads(1)
+    rng = np.random.default_rng(0)
+    result = {}
+    for name in sizes:
+        sp = SIZES[name]
+        B, T, C, NH = sp["batch"], sp["block_size"], sp["n_embd"], sp["n_head"]
+        x4 = rng.standard_normal((B, T, 4 * C), dtype=np.float32)  # GELU's input (B, T, 4C)
+        x = rng.standard_normal((B, T, C), dtype=np.float32)  # LayerNorm's (B, T, C)
+        w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+        qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32)  # (B, T, 3C)
+        dy = rng.standard_normal((B, T, C), dtype=np.float32)
+        allowed = L.attention_mask(T, True)
+        forms = {
+            "gelu": [(L.gelu_forward, L.gelu_backward), (K.gelu_forward_fast, K.gelu_backward_fast),
+                     (K.gelu_forward_chunked, K.gelu_backward_chunked)],
+            "layernorm": [(L.layernorm_forward, L.layernorm_backward),
+                          (K.layernorm_forward_fast, K.layernorm_backward_fast),
+                          (K.layernorm_forward_chunked, K.layernorm_backward_chunked)],
+            "attention": [(L.attention_forward, L.attention_backward),
+                          (K.attention_forward_fast, K.attention_backward_fast),
+                          (K.attention_forward_tiled, K.attention_backward_tiled)],
+        }
+        args = {"gelu": (None, x4), "layernorm": (None, x, w, b), "attention": (dy, qkv, NH, allowed)}
+        result[name] = {}
+        for layer, pairs in forms.items():
+            dout, *a = args[layer]
+            ms = [best_cpu_ms(fwd_bwd(f, bwd, dout, *a)) for f, bwd in pairs]
+            result[name][layer] = dict(zip(("plain_ms", "inplace_ms", "table_ms"), ms))
+    return result
+
+
+def format_kernel_gains(result) -> str:
+    lines = ["one layer's forward+backward, CPU ms, one thread (best of repeats): plain "
+             "(layers.py), in-place (kernels.*_fast), the fast table's form (chunked / tiled)",
+             f"{'size':7} {'layer':10} {'plain':>8} {'in-place':>9} {'table':>8} "
+             f"{'vs in-place':>11} {'vs plain':>9}"]
+    for name, layers in result.items():
+        for layer, r in layers.items():
+            lines.append(f"{name:7} {layer:10} {r['plain_ms']:8.2f} {r['inplace_ms']:9.2f} "
+                         f"{r['table_ms']:8.2f} {r['inplace_ms'] / r['table_ms']:10.2f}x "
+                         f"{r['plain_ms'] / r['table_ms']:8.2f}x")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------
@@ -616,45 +864,83 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def quiet_verdict(load_before, others) -> tuple[bool, str]:
+    """Was the machine quiet? The 1-minute load before the run, and the cores other
+    processes used during our timed calls (load averages include our own threads, so the
+    load after a run says little; /proc/stat minus our CPU time says who else ran)."""
+    reasons = []
+    if load_before and load_before[0] > QUIET_LOAD:
+        reasons.append(f"1-min load {load_before[0]} > {QUIET_LOAD} before the run")
+    if others is not None and others > QUIET_OTHERS:
+        reasons.append(f"other processes used {others:.2f} cores during the timed calls "
+                       f"(> {QUIET_OTHERS})")
+    return (not reasons), "; ".join(reasons) or "quiet"
+
+
+def _fmt(x, spec="8.2f", missing="-"):
+    return format(x, spec) if x is not None else format(missing, ">" + spec.split(".")[0])
+
+
 def format_report(result) -> str:
     m = result["machine"]
     th = m["threads"]
     load = m["load_average_before_after"]
+    q = result["quiet"]
     lines = [
         f"numpy {m['numpy']} ({m['blas']}), torch {m['torch'] or 'not installed'}, "
         f"Python {m['python']}, {m['cpu']}",
         f"threads: {th['cores']} cores available; NumPy BLAS {th['numpy_blas']} "
         f"(elementwise ufuncs: 1), torch {th['torch']}; "
         f"load average (1, 5, 15 min) before {load[0]}, after {load[1]}",
-        f"float32 matmul peak: a {result['peak_n']}^3 np.matmul interleaved with the steps "
+        ("machine: quiet" if q["quiet"] else f"MACHINE NOT QUIET: {q['why']} "
+         "(these numbers are not the quiet-machine figures)"),
+        f"method: {result['repeat']} timed repetitions per contender (gpt2: at most "
+        f"{GPT2_REPEAT}), alternating order, a {result['rest_s']} s rest before every timed "
+        "call (OpenBLAS spin-wait); medians",
+        f"float32 matmul peak: a {result['peak_n']}^3 np.matmul as one more contender "
         f"(best seen {m['matmul_peak_gflops']:.1f} GFLOP/s)",
-        f"{result['repeat']} interleaved repetitions each: medians; 'best' columns: the "
-        "fastest repetition of each",
-        "GFLOP/s = analytic matmul FLOPs / median time (bench.step_flops: "
-        "6 N_mm BT + 12 L T C BT); %peak against the median peak of the same loop",
         "",
-        f"{'size':7} {'step':10} {'numpy ms':>9} {'torch ms':>9} {'np/torch':>8} "
-        f"{'best np/t':>9} {'tokens/s':>9} {'GFLOP/s':>8} {'peak':>6} {'%peak':>6} "
-        f"{'torch%pk':>8} {'step MB':>8}",
+        f"{th['requested']} thread(s): wall ms | 1 thread: CPU ms | CPU use in cores during "
+        "the timed calls: numpy, torch, other processes",
+        f"batch/N rows: the same NumPy model with GPT(..., batch_threads=N), the backbone on N "
+        "parts of the batch in N threads (BLAS at 1 thread each)",
+        f"{'size':7} {'step':10} {'numpy ms':>9} {'torch ms':>9} {'np/torch':>8} {'best':>6} | "
+        f"{'np cpu':>8} {'tch cpu':>8} {'np/torch':>8} | {'np':>4} {'torch':>5} {'others':>6} | "
+        f"{'GFLOP/s':>7} {'%peak':>6}",
     ]
     for name, r in result["sizes"].items():
         for key, label in (("fwd_bwd", "fwd+bwd"), ("train_step", "train step")):
             s = r[key]
-            has_torch = "torch_ms" in s
-            torch_cols = (f"{s['torch_ms']:9.2f} {s['ratio']:8.2f} {s['ratio_best']:9.2f}"
-                          if has_torch else f"{'-':>9} {'-':>8} {'-':>9}")
-            tpeak = f"{100 * s['torch_peak_fraction']:7.1f}%" if has_torch else f"{'-':>8}"
-            mem = f"{r['numpy_step_peak_mb']:8.1f}" if key == "train_step" else f"{'':>8}"
+            one = s.get("one_thread", {})
             lines.append(
-                f"{name:7} {label:10} {s['numpy_ms']:9.2f} {torch_cols} "
-                f"{s['numpy_tokens_per_s']:9.0f} {s['numpy_gflops']:8.1f} "
-                f"{s['peak_gflops']:6.0f} {100 * s['numpy_peak_fraction']:5.1f}% {tpeak} {mem}"
-            )
+                f"{name:7} {label:10} {s['numpy_ms']:9.1f} {_fmt(s.get('torch_ms'), '9.1f')} "
+                f"{_fmt(s.get('ratio'), '8.2f')} {_fmt(s.get('ratio_best'), '6.2f')} | "
+                f"{_fmt(one.get('numpy_cpu_ms'), '8.1f')} {_fmt(one.get('torch_cpu_ms'), '8.1f')} "
+                f"{_fmt(one.get('ratio_cpu'), '8.2f')} | {s['numpy_cpu_use']:4.2f} "
+                f"{_fmt(s.get('torch_cpu_use'), '5.2f')} {_fmt(s.get('numpy_others_cpu'), '6.2f')} | "
+                f"{s['numpy_gflops']:7.1f} {100 * s['numpy_peak_fraction']:5.1f}%")
+            if "numpy_threads_ms" in s:
+                lines.append(
+                    f"{'':7} {'  batch/' + str(th['requested']):10} {s['numpy_threads_ms']:9.1f} "
+                    f"{'':9} {_fmt(s.get('ratio_threads'), '8.2f')} "
+                    f"{_fmt(s.get('ratio_threads_best'), '6.2f')} | {'':8} {'':8} {'':8} | "
+                    f"{s['numpy_threads_cpu_use']:4.2f} {'':5} "
+                    f"{_fmt(s.get('numpy_threads_others_cpu'), '6.2f')} | "
+                    f"{s['numpy_threads_gflops']:7.1f} {100 * s['numpy_threads_peak_fraction']:5.1f}%")
         if "loss_torch" in r:
             lines.append(f"{'':7} same weights, same batch: loss numpy {r['loss_numpy']:.6f}, "
-                         f"torch {r['loss_torch']:.6f}")
-    lines.append("step MB: tracemalloc peak of one NumPy training step (activations, gradients, "
-                 "temporaries; parameters and optimizer state excluded)")
+                         f"torch {r['loss_torch']:.6f}; load (1 min) {r['load_before'][0]} -> "
+                         f"{r['load_after'][0]}")
+    if result.get("peak_rss"):
+        lines += ["", "peak RSS of a training step (fresh process per side, VmHWM; "
+                  "weights shared, so counted once on both sides):",
+                  f"{'size':7} {'numpy MB':>9} {'torch MB':>9} {'np/torch':>8} "
+                  f"{'np setup':>9} {'tch setup':>9}"]
+        for name, r in result["peak_rss"].items():
+            lines.append(f"{name:7} {r['numpy_mb']:9.0f} {_fmt(r.get('torch_mb'), '9.0f')} "
+                         f"{_fmt(r.get('ratio'), '8.2f')} {r['numpy_before_step_mb']:9.0f} "
+                         f"{_fmt(r.get('torch_before_step_mb'), '9.0f')}")
+        lines.append("setup: RSS before the first step (imports, weights, optimizer state)")
     if "scaling" in result:
         sc = result["scaling"]
         lines += ["", f"scaling, fwd+bwd, base size {sc['base']}:",
@@ -663,18 +949,20 @@ def format_report(result) -> str:
             t = f"{row['torch_ms']:9.2f} {row['ratio']:8.2f}" if "torch_ms" in row else ""
             lines.append(f"{row['T']:5d} {row['batch']:5d} {row['numpy_ms']:9.2f} "
                          f"{row['numpy_us_per_token']:9.2f} {t}")
-    if "feature_cache" in result:
-        lines += ["", "head-only training, sequence classifier (mean pooling, 4 classes), ms/step "
-                  "(forward, backward, AdamW):",
+    if result.get("feature_cache"):
+        lines += ["", "head-only and masked training, sequence classifier (mean pooling, 4 classes), "
+                  "ms/step (forward, backward, AdamW):",
                   f"{'size':7} {'full FT':>9} {'masks':>9} {'cache':>9} {'extract':>9} "
-                  f"{'cache/full':>10} {'cache/masks':>11} {'|dloss|':>8}"]
+                  f"{'bitfit':>9} {'sparse':>9} {'cache/full':>10} {'cache/masks':>11} {'|dloss|':>8}"]
         for name, r in result["feature_cache"].items():
             lines.append(
                 f"{name:7} {r['full_ms']:9.2f} {r['masks_ms']:9.2f} {r['cache_ms']:9.3f} "
-                f"{r['extract_ms']:9.2f} {r['speedup_cache_vs_full']:9.1f}x "
+                f"{r['extract_ms']:9.2f} {r['bitfit_ms']:9.2f} {r['sparse_ms']:9.2f} "
+                f"{r['speedup_cache_vs_full']:9.1f}x "
                 f"{r['speedup_cache_vs_masks']:10.1f}x {r['loss_abs_diff']:8.1e}")
         lines.append("extract: the one backbone pass that fills the cache; cache/full: "
-                     "full-FT step time / cached step time")
+                     f"full-FT step time / cached step time; sparse: {SPARSE_KEEP:.0%} of every "
+                     "weight matrix trains")
     if "profile" in result:
         for name, pr in result["profile"].items():
             lines += ["", f"profile {name}, NumPy, ms per fwd+bwd "
@@ -686,24 +974,29 @@ def format_report(result) -> str:
                              f"(total {pr['torch']['step_ms']:.1f} ms, torch.profiler):")
                 for k, v in pr["torch"]["ops"].items():
                     lines.append(f"  {k[:52]:52} {v['ms']:8.2f}  {v['calls']:3d} calls")
-    lines += ["", f"process max RSS (getrusage ru_maxrss, whole run incl. torch): "
-              f"{result['max_rss_mb']:.0f} MB"]
+    lines += ["", f"this process's max RSS (whole run incl. torch): {result['max_rss_mb']:.0f} MB"]
     return "\n".join(lines)
 
 
-def run(sizes=("tiny", "small", "medium"), repeat=7, threads=None, scaling=True,
-        feature_cache=True, profile=False, use_torch=True, peak_n=1024, profile_steps=5) -> dict:
+def run(sizes=tuple(SIZES), repeat=7, threads=None, scaling=True, feature_cache=True,
+        profile=False, use_torch=True, peak_n=1024, profile_steps=5, one_thread=True,
+        rss=True) -> dict:
     """Run the benchmark and return the results as a JSON-ready dict (see `main`)."""
     torch = import_torch() if use_torch else None
-    thread_info = set_threads(threads or available_cores(), torch)
+    threads = threads or available_cores()
+    thread_info = set_threads(threads, torch)
     load_before = load_average()
-    result = {"sizes": {}, "peak_n": peak_n, "repeat": repeat}
+    result = {"sizes": {}, "peak_n": peak_n, "repeat": repeat, "rest_s": REST_S}
     for name in sizes:
-        result["sizes"][name] = bench_size(name, repeat, torch, peak_n=peak_n)
+        result["sizes"][name] = bench_size(name, repeat, torch, peak_n=peak_n, threads=threads,
+                                           one_thread=one_thread)
+    if rss:
+        result["peak_rss"] = {name: peak_rss(name, threads, torch is not None) for name in sizes}
     if scaling:
         result["scaling"] = bench_scaling(repeat, torch)
     if feature_cache:
-        result["feature_cache"] = {name: bench_feature_cache(name, repeat) for name in sizes}
+        result["feature_cache"] = {name: bench_feature_cache(name, repeat) for name in sizes
+                                   if name in FEATURE_CACHE_SIZES}
     if profile:
         result["profile"] = {}
         for name in sizes:
@@ -715,32 +1008,61 @@ def run(sizes=("tiny", "small", "medium"), repeat=7, threads=None, scaling=True,
                for step in (r["fwd_bwd"], r["train_step"]))
     result["machine"] = machine_info(thread_info, peak, torch)
     result["machine"]["load_average_before_after"] = [load_before, load_average()]
+    others = [r[k]["numpy_others_cpu"] for r in result["sizes"].values()
+              for k in ("fwd_bwd", "train_step") if r[k]["numpy_others_cpu"] is not None]
+    quiet, why = quiet_verdict(load_before, max(others) if others else None)
+    result["quiet"] = {"quiet": quiet, "why": why, "load_limit": QUIET_LOAD,
+                       "others_limit": QUIET_OTHERS}
     result["max_rss_mb"] = max_rss_mb()
     return result
 
 
 def main(argv=None) -> int:
+    global REST_S
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--repeat", type=int, default=7, help="timed repetitions per contender (default 7)")
+    parser.add_argument("--repeat", type=int, default=7,
+                        help=f"timed repetitions per contender (default 7; gpt2 at most {GPT2_REPEAT})")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for NumPy's BLAS and for torch (default: all available cores)")
+    parser.add_argument("--rest", type=float, default=REST_S,
+                        help=f"seconds of rest before every timed call (default {REST_S})")
+    parser.add_argument("--no-one-thread", dest="one_thread", action="store_false",
+                        help="skip the 1-thread CPU-time pass")
+    parser.add_argument("--no-rss", dest="rss", action="store_false",
+                        help="skip the peak-RSS subprocesses")
     parser.add_argument("--no-scaling", dest="scaling", action="store_false",
                         help="skip the step-time-vs-T and -vs-batch sweep")
     parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
-                        help="skip the feature-cache comparison")
+                        help="skip the feature-cache and masked-step comparison")
     parser.add_argument("--no-torch", dest="use_torch", action="store_false",
                         help="time NumPy only, even if torch is installed")
     parser.add_argument("--profile", action="store_true", help="also show where the time goes")
     parser.add_argument("--compare-layers", metavar="REV",
                         help="instead: time layers.py of git revision REV against the working tree")
+    parser.add_argument("--kernels", action="store_true",
+                        help="instead: each fast kernel against its plain and in-place forms")
+    parser.add_argument("--rss-child", nargs=2, metavar=("SIZE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.rest < 0:
+        parser.error(f"--rest must be >= 0, got {args.rest}")
+    REST_S = args.rest
+    if args.rss_child:
+        print(json.dumps(rss_child(*args.rss_child, args.threads or available_cores())))
+        return 0
+    if args.kernels:
+        result = kernel_gains(args.sizes, args.repeat)
+        print(f"load average (1, 5, 15 min): {load_average()}")
+        print(format_kernel_gains(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     if args.compare_layers:
         threads = set_threads(args.threads or available_cores())
         result = compare_layers(args.compare_layers, args.sizes, args.repeat)
@@ -750,7 +1072,7 @@ def main(argv=None) -> int:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0
     result = run(args.sizes, args.repeat, args.threads, args.scaling, args.feature_cache,
-                 args.profile, args.use_torch)
+                 args.profile, args.use_torch, one_thread=args.one_thread, rss=args.rss)
     result["command"] = "python src/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(format_report(result))
     if args.json:

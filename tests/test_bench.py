@@ -31,27 +31,35 @@ def restore_threads():
 @pytest.mark.slow
 def test_benchmark_smoke_json(tmp_path, restore_threads):
     out = tmp_path / "bench.json"
-    assert bench.main(["--sizes", "tiny", "--repeat", "1", "--threads", "1",
+    assert bench.main(["--sizes", "tiny", "--repeat", "1", "--threads", "1", "--rest", "0.01",
                        "--no-scaling", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
 
     threads = result["machine"]["threads"]
     assert threads["requested"] == 1 and threads["cores"] >= 1
     assert result["machine"]["matmul_peak_gflops"] > 0
+    assert result["rest_s"] == 0.01
+    assert isinstance(result["quiet"]["quiet"], bool) and result["quiet"]["why"]
     tiny = result["sizes"]["tiny"]
     assert tiny["tokens"] == 32 * 32
     assert tiny["flops_per_step"] == bench.step_flops(32, 32, 2, 64, 32)
-    assert tiny["numpy_step_peak_mb"] > 0
+    assert len(tiny["load_before"]) == len(tiny["load_after"]) == 3
     for step in ("fwd_bwd", "train_step"):
         s = tiny[step]
-        for key in ("numpy_ms", "numpy_tokens_per_s", "numpy_gflops", "numpy_peak_fraction"):
+        for key in ("numpy_ms", "numpy_tokens_per_s", "numpy_gflops", "numpy_peak_fraction",
+                    "numpy_cpu_ms", "numpy_cpu_use"):
             assert math.isfinite(s[key]) and s[key] > 0, (step, key, s[key])
+        assert s["numpy_others_cpu"] is None or s["numpy_others_cpu"] >= 0
         assert 0 < s["peak_gflops"] <= s["peak_gflops_best"]
         assert s["numpy_peak_fraction"] < 2  # a fraction of a peak, not a unit mix-up
         assert s["numpy_gflops"] == pytest.approx(tiny["flops_per_step"] / s["numpy_ms"] / 1e6)
+        assert "numpy_threads_ms" not in s  # one thread: no batch parts to time
+        one = s["one_thread"]  # at --threads 1 the run itself is the one-thread run
+        assert one["numpy_cpu_ms"] == s["numpy_cpu_ms"]
         if torch is not None:
             assert s["torch_ms"] > 0 and s["ratio"] == pytest.approx(s["numpy_ms"] / s["torch_ms"])
             assert s["ratio_best"] > 0
+            assert one["ratio_cpu"] == pytest.approx(s["numpy_cpu_ms"] / s["torch_cpu_ms"])
         else:
             assert "ratio" not in s
     if torch is not None:
@@ -59,12 +67,48 @@ def test_benchmark_smoke_json(tmp_path, restore_threads):
         # same weights and batch in both frameworks: the timing compares like with like
         assert tiny["loss_torch"] == pytest.approx(tiny["loss_numpy"], abs=1e-4)
 
+    rss = result["peak_rss"]["tiny"]  # each side's peak in a fresh process
+    assert rss["numpy_mb"] >= rss["numpy_before_step_mb"] > 0
+    if torch is not None:
+        assert rss["torch_mb"] > 0 and rss["ratio"] == pytest.approx(rss["numpy_mb"] / rss["torch_mb"])
+
     cache = result["feature_cache"]["tiny"]
-    for key in ("full_ms", "masks_ms", "cache_ms", "extract_ms"):
+    for key in ("full_ms", "masks_ms", "cache_ms", "extract_ms", "bitfit_ms", "sparse_ms"):
         assert cache[key] > 0, key
     assert cache["loss_abs_diff"] < 1e-6  # training on cached features = the uncached path
     assert cache["speedup_cache_vs_full"] == pytest.approx(cache["full_ms"] / cache["cache_ms"])
     assert result["max_rss_mb"] > 0
+
+
+def test_two_threads_time_the_batch_parts_and_a_one_thread_pass(restore_threads):
+    """At 2 threads a size also times GPT(..., batch_threads=2) and repeats the steps at one
+    thread each for CPU-time ratios."""
+    bench.set_threads(2, torch)
+    r = bench.bench_size("tiny", 1, torch, peak_n=64, threads=2)
+    for step in ("fwd_bwd", "train_step"):
+        s = r[step]
+        assert s["numpy_threads_ms"] > 0 and s["numpy_threads_cpu_use"] > 0
+        assert s["one_thread"]["numpy_cpu_ms"] > 0 and "numpy_threads_cpu_ms" not in s["one_thread"]
+        if torch is not None:
+            assert s["ratio_threads"] == pytest.approx(s["numpy_threads_ms"] / s["torch_ms"])
+            assert s["one_thread"]["ratio_cpu"] > 0
+
+
+def test_rested_alternates_the_order_and_rests_before_every_timed_call():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    t0 = bench.time.perf_counter()
+    runs = bench.rested(fns, 3, warmup=1, rest=0.02)
+    assert bench.time.perf_counter() - t0 >= 6 * 0.02  # a rest before each of 6 timed calls
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warmup, then A B, B A, A B
+    for rs in runs.values():
+        assert len(rs) == 3 and all(r["wall"] >= 0 and r["cpu"] >= 0 for r in rs)
+
+
+def test_quiet_verdict_names_the_reason():
+    assert bench.quiet_verdict([0.2, 0.3, 0.4], 0.05) == (True, "quiet")
+    quiet, why = bench.quiet_verdict([3.1, 2.0, 1.0], 1.4)
+    assert not quiet and "load 3.1" in why and "1.40 cores" in why
 
 
 def test_scaling_rows_cover_each_length_and_batch(restore_threads):
@@ -135,3 +179,11 @@ def test_compare_layers_runs_each_side_through_its_own_kernel_table():
     assert result["before_ms"] > 0 and result["after_ms"] > 0
     assert result["kernels_before_ms"]["attention_forward"] > 0
     assert FAST.attention_forward.__module__ == "transferlab.kernels"  # nothing was rebound
+
+
+def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
+    result = bench.kernel_gains(["tiny"], repeat=1, rest=0.0)["tiny"]
+    assert set(result) == {"gelu", "layernorm", "attention"}
+    for r in result.values():
+        assert r["plain_ms"] > 0 and r["inplace_ms"] > 0 and r["table_ms"] > 0
+    assert "attention" in bench.format_kernel_gains({"tiny": result})

@@ -127,3 +127,149 @@ def test_unknown_kernel_table_is_refused_by_name():
     assert kernel_table("plain") is PLAIN and set(KERNELS) == {"plain", "fast"}
     with pytest.raises(ValueError, match="kernels must be one of plain, fast, got 'turbo'"):
         GPT(GPTConfig(vocab_size=5, block_size=4), kernels="turbo")
+
+
+# ----------------------------------------------------------------------------------------
+# the chunked and tiled forms (issue 15): the same numbers, a chunk or a tile at a time
+
+from transferlab import kernels as K  # noqa: E402
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few rows, so that small test arrays are split into several (and one
+    ragged last chunk): the loops are exercised, not skipped."""
+    monkeypatch.setattr(K, "CHUNK_BYTES", 150)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gelu_chunked_equals_plain(dtype, small_chunks):
+    r = np.random.default_rng(10)
+    x = (3 * r.standard_normal((3, 7, 16))).astype(dtype)
+    dout = r.standard_normal(x.shape).astype(dtype)
+    assert len(K.row_chunks(21, 16 * x.itemsize)) > 2  # 21 rows, several chunks
+    out, cache = K.gelu_forward_chunked(x)
+    ref, ref_cache = L.gelu_forward(x)
+    np.testing.assert_allclose(out, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    (dx,) = K.gelu_backward_chunked(dout, cache)
+    (dx_ref,) = L.gelu_backward(dout, ref_cache)
+    np.testing.assert_allclose(dx, dx_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    assert out.dtype == dx.dtype == dtype and out.shape == dx.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_layernorm_chunked_equals_plain(dtype, small_chunks):
+    r = np.random.default_rng(11)
+    x, dout = (r.standard_normal((2, 2, 7, 16)) * 3 + 1).astype(dtype)
+    w, b = r.standard_normal((2, 16)).astype(dtype)
+    out, cache = K.layernorm_forward_chunked(x, w, b)
+    ref, ref_cache = L.layernorm_forward(x, w, b)
+    np.testing.assert_allclose(out, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    for got, want in zip(K.layernorm_backward_chunked(dout, cache), L.layernorm_backward(dout, ref_cache)):
+        np.testing.assert_allclose(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+        assert got.dtype == dtype and got.shape == want.shape
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_tiled_causal_attention_equals_plain(padded, dtype, small_chunks):
+    r = np.random.default_rng(12)
+    B, T, C, NH = 3, 11, 8, 2  # 11 queries in tiles of 4: a ragged last tile
+    qkv = r.standard_normal((B, T, 3 * C)).astype(dtype)
+    dy = r.standard_normal((B, T, C)).astype(dtype)
+    pad = None
+    if padded:
+        pad = np.ones((B, T), dtype=bool)
+        pad[0, 5:] = False
+        pad[2, :] = False  # a fully padded row
+    allowed = L.attention_mask(T, True, pad)
+    assert K.only_past_keys(allowed)
+    y, cache = K.attention_forward_tiled(qkv, NH, allowed, tile=4)
+    assert isinstance(cache, K.TiledAttentionCache) and len(cache.tiles) > 3  # batch split too
+    y_ref, ref_cache = L.attention_forward(qkv, NH, allowed)
+    np.testing.assert_allclose(y, y_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    (dqkv,) = K.attention_backward_tiled(dy, cache)
+    (dqkv_ref,) = L.attention_backward(dy, ref_cache)
+    np.testing.assert_allclose(dqkv, dqkv_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    assert y.dtype == dqkv.dtype == dtype
+
+
+def test_tiled_attention_with_dropout_draws_the_plain_mask():
+    r = np.random.default_rng(13)
+    qkv, dy = r.standard_normal((2, 9, 24)), r.standard_normal((2, 9, 8))
+    allowed = L.attention_mask(9, True)
+    y, cache = K.attention_forward_tiled(qkv, 2, allowed, 0.3, np.random.default_rng(9), tile=4)
+    y_ref, ref_cache = L.attention_forward(qkv, 2, allowed, 0.3, np.random.default_rng(9))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(K.attention_backward_tiled(dy, cache)[0],
+                               L.attention_backward(dy, ref_cache)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal, T", [(False, 11), (True, 4)])
+def test_tiled_attention_falls_back_where_tiles_cannot_skip_anything(causal, T):
+    """Bidirectional attention (a query sees later keys) or T <= tile: the untiled form."""
+    r = np.random.default_rng(14)
+    qkv, dy = r.standard_normal((2, T, 24)), r.standard_normal((2, T, 8))
+    allowed = L.attention_mask(T, causal, np.ones((2, T), dtype=bool))
+    assert K.only_past_keys(allowed) == causal
+    y, cache = K.attention_forward_tiled(qkv, 2, allowed, tile=4)
+    assert not isinstance(cache, K.TiledAttentionCache)
+    y_ref, ref_cache = L.attention_forward(qkv, 2, allowed)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(K.attention_backward_tiled(dy, cache)[0],
+                               L.attention_backward(dy, ref_cache)[0], rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# batch parts in threads (GPT(..., batch_threads=2)): the one-thread numbers
+
+
+def _loss_and_grads(model, idx, y, mask=None):
+    logits, loss = model(idx, y, attention_mask=mask)
+    return logits, loss, model.backward()
+
+
+@pytest.mark.parametrize("head, frozen", [("lm", False), ("sequence", False), ("lm", True)])
+def test_batch_parts_in_threads_give_the_one_thread_numbers(head, frozen):
+    from transferlab import masks as M
+
+    cfg = GPTConfig(vocab_size=11, block_size=70, n_layer=2, n_head=2, n_embd=8, dtype="float64",
+                    head=head, n_classes=3, pooling="mean")
+    r = np.random.default_rng(6)
+    idx = r.integers(0, 11, (5, 70))  # 5 rows: parts of 2 and 3; T = 70 > a tile of 64
+    y = r.integers(0, 11, (5, 70)) if head == "lm" else r.integers(0, 3, 5)
+    mask = None if head == "lm" else (np.arange(70)[None, :] < np.array([70, 40, 3, 70, 66])[:, None])
+    one, two = GPT(cfg, seed=2), GPT(cfg, seed=2, batch_threads=2)
+    if frozen:
+        M.freeze_to(one, 1), M.freeze_to(two, 1)
+    l1, loss1, g1 = _loss_and_grads(one, idx, y, mask)
+    l2, loss2, g2 = _loss_and_grads(two, idx, y, mask)
+    np.testing.assert_allclose(l2, l1, rtol=1e-12, atol=1e-12)
+    assert loss2 == pytest.approx(loss1, rel=1e-12)
+    assert g2.keys() == g1.keys()
+    for name in g1:
+        np.testing.assert_allclose(g2[name], g1[name], rtol=1e-10, atol=1e-13, err_msg=name)
+    assert _loss_and_grads(two, idx, y, mask)[1] == loss2  # run after run: the same numbers
+
+
+def test_batch_threads_fall_back_to_one_thread_under_dropout_and_are_validated():
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.1,
+                    dtype="float64")
+    idx = np.random.default_rng(7).integers(0, 11, (4, 8))
+    one, two = GPT(cfg, seed=3), GPT(cfg, seed=3, batch_threads=2)
+    # dropout draws from one RNG: threads would reorder the draws, so the batch stays whole
+    assert _loss_and_grads(one, idx, idx)[1] == _loss_and_grads(two, idx, idx)[1]
+    with pytest.raises(ValueError, match="batch_threads must be a positive integer, got 0"):
+        GPT(cfg, batch_threads=0)
+
+
+def test_backward_releases_the_caches():
+    """One forward, one backward: the activations are freed when backward is done, and a
+    second backward needs a new forward."""
+    model = GPT(GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4), seed=0)
+    model(np.zeros((1, 4), dtype=int), np.zeros((1, 4), dtype=int))
+    grads = model.backward()
+    assert model._cache is None and model._backbone_cache is None
+    assert set(grads) == set(model.params)
+    with pytest.raises(RuntimeError, match="needs a forward pass with targets"):
+        model.backward()

@@ -513,3 +513,44 @@ def test_float32_parameters_and_state_stay_float32(make_opt):
     assert {name: id(p) for name, p in params.items()} == arrays  # updated in place
     for state in opt.state.values():
         assert all(v.dtype == np.float32 for k, v in state.items() if k != "step")
+
+
+# ----------------------------------------------------------------------------------------
+# frozen parameters cost nothing (issue 15): the model's shared read-only zero gradient
+
+
+def test_a_frozen_backbone_step_does_no_work_for_frozen_parameters():
+    from transferlab import GPT, GPTConfig
+    from transferlab import masks as M
+    from transferlab.optim import clip_grad_norm
+
+    model = GPT(GPTConfig(vocab_size=13, block_size=6, n_layer=2, n_head=2, n_embd=8,
+                          head="sequence", n_classes=3, dtype="float64"), seed=0)
+    M.freeze_backbone(model)
+    opt = AdamW(model.params, lr=1e-2, weight_decay=0.1, masks=model.masks)
+    before = {n: p.copy() for n, p in model.params.items()}
+    idx = np.random.default_rng(0).integers(0, 13, (2, 6))
+    model(idx, np.array([0, 2]))
+    grads = model.backward()
+    frozen = [n for n in grads if M.is_frozen(model, n)]
+    assert frozen and set(grads) == set(model.params)
+    for n in frozen:  # no memory behind them: a broadcast view of one zero, read-only
+        g = grads[n]
+        assert g.shape == model.params[n].shape and not g.any() and not g.flags.writeable
+        assert not any(g.strides)
+    clip_grad_norm(grads, 1e-3, masks=model.masks)  # no write into the read-only zeros
+    clip_grad_norm(grads, 1e-3)  # nor without masks
+    opt.step(grads)
+    assert set(opt.state) == {n for n in grads if n not in frozen}  # no state, no step count
+    for n in frozen:
+        np.testing.assert_array_equal(model.params[n], before[n])
+    assert any(not np.array_equal(model.params[n], before[n]) for n in opt.state)
+
+
+def test_a_zero_d_mask_is_read_as_one_number():
+    p = {"w": np.ones((3, 4)), "b": np.ones(4)}
+    opt = AdamW(p, lr=0.1, masks={"w": np.zeros(()), "b": np.ones(())})
+    opt.step({"w": np.ones((3, 4)), "b": np.ones(4)})
+    assert set(opt.state) == {"b"}
+    np.testing.assert_array_equal(p["w"], np.ones((3, 4)))
+    assert (p["b"] < 1).all()

@@ -8,6 +8,12 @@ memory (in-place updates, row reductions without a product temporary); each name
 plain form it equals, and tests/test_kernels.py holds every pair equal (float32 rounding,
 1e-12 in float64). docs/performance.md gives each trick its measured gain.
 
+Layers of fast forms: `*_fast` are the in-place forms of one whole-array pass each;
+`*_chunked` (GELU, LayerNorm) run those same passes over chunks of rows that stay in the
+L2 cache; `attention_forward_tiled` runs the in-place attention over tiles of queries
+that skip the masked triangle of causal attention. The "fast" table uses the chunked and
+tiled forms, which build on the in-place ones.
+
 The model never rebinds names to switch kernels: it calls them through a `KernelTable`,
 
     model = GPT(config, kernels="plain")     # or model.kernels = KERNELS["plain"]
@@ -16,9 +22,12 @@ and `src/bench.py` times one table against another the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -33,6 +42,25 @@ def _sum_lastdim(x):
     summing loop does not (NumPy 2.x; measured in docs/performance.md).
     """
     return np.einsum("...i->...", x)[..., None]  # (..., 1)
+
+
+# chunks of rows that stay in the L2 cache
+
+CHUNK_BYTES = 1 << 18  # one operand's chunk: 256 KB. A fast elementwise kernel makes 5-10
+# passes over its arrays; over the whole (B, T, 4C) array each pass streams from main
+# memory, over a chunk of rows the 3-4 operands (~1 MB) stay in L2 (1-2 MB per core on
+# the machines measured) between passes. docs/performance.md#chunked-gelu-and-layernorm.
+
+
+def row_chunks(n_rows: int, row_bytes: int, chunk_bytes: int | None = None) -> list[slice]:
+    """Slices of consecutive rows, each about `chunk_bytes` (default CHUNK_BYTES) long."""
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // max(1, row_bytes))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def _rows(x):
+    """x as (N, D) rows, N = all leading dims (a view for the contiguous arrays layers make)."""
+    return x.reshape(-1, x.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------
@@ -65,6 +93,47 @@ def layernorm_backward_fast(dout, cache):
     dx -= xhat * (np.vecdot(dxhat, xhat)[..., None] / C)  # mean(dxhat * xhat), no temporary
     dx *= rstd
     return dx, dw, db
+
+
+def layernorm_forward_chunked(x, w, b, eps=LAYERNORM_EPS):
+    """layernorm_forward_fast, a chunk of rows at a time (row_chunks): the same operations
+    on each chunk while it is in cache."""
+    C = x.shape[-1]
+    x2 = _rows(x)  # (N, C)
+    xhat = np.empty_like(x2)  # (N, C)
+    out = np.empty_like(x2)  # (N, C)
+    rstd = np.empty((x2.shape[0], 1), dtype=x.dtype)  # (N, 1)
+    for rows in row_chunks(x2.shape[0], C * x.itemsize):
+        xs, xh, o, r = x2[rows], xhat[rows], out[rows], rstd[rows]
+        np.subtract(xs, _sum_lastdim(xs) / C, out=xh)  # xc = x - mean
+        np.divide(np.vecdot(xh, xh)[:, None], C, out=r)  # var
+        r += eps
+        np.sqrt(r, out=r)
+        np.divide(1.0, r, out=r)  # rstd = 1 / sqrt(var + eps)
+        xh *= r  # xhat
+        np.multiply(xh, w, out=o)
+        o += b
+    shape = x.shape
+    return out.reshape(shape), (xhat.reshape(shape), rstd.reshape(*shape[:-1], 1), w)
+
+
+def layernorm_backward_chunked(dout, cache):
+    """layernorm_backward_fast, dx a chunk of rows at a time (dw and db stay whole-array
+    reductions: chunking them would only change their summation order)."""
+    xhat, rstd, w = cache
+    C = xhat.shape[-1]
+    dout2, xhat2, rstd2 = _rows(dout), _rows(xhat), rstd.reshape(-1, 1)  # (N, C), (N, C), (N, 1)
+    dw = np.einsum("nc,nc->c", dout2, xhat2)  # (C,)
+    db = dout2.sum(axis=0)  # (C,)
+    dx = np.empty_like(dout2)  # (N, C)
+    for rows in row_chunks(dout2.shape[0], C * dout.itemsize):
+        d, xh, dxs = dout2[rows], xhat2[rows], dx[rows]
+        np.multiply(d, w, out=dxs)  # dxhat
+        proj = np.vecdot(dxs, xh)[:, None] / C  # mean(dxhat * xhat)
+        dxs -= _sum_lastdim(dxs) / C  # dxhat - mean(dxhat)
+        dxs -= xh * proj
+        dxs *= rstd2[rows]
+    return dx.reshape(dout.shape), dw, db
 
 
 # ----------------------------------------------------------------------------------------
@@ -102,6 +171,49 @@ def gelu_backward_fast(dout, cache):
     dx *= 0.5  # 0.5 (1 + th) + 0.5 x (1 - th^2) d(inner)/dx
     dx *= dout
     return (dx,)
+
+
+def gelu_forward_chunked(x):
+    """gelu_forward_fast, a chunk of rows at a time (row_chunks)."""
+    x2 = _rows(x)  # (N, D)
+    th = np.empty_like(x2)  # (N, D)
+    out = np.empty_like(x2)  # (N, D)
+    for rows in row_chunks(x2.shape[0], x2.shape[1] * x.itemsize):
+        xs, t, o = x2[rows], th[rows], out[rows]
+        np.multiply(xs, xs, out=t)  # x^2
+        t *= 0.044715
+        t += 1.0
+        t *= xs  # x + 0.044715 x^3
+        t *= GELU_COEF
+        np.tanh(t, out=t)
+        np.add(t, 1.0, out=o)
+        o *= xs
+        o *= 0.5
+    return out.reshape(x.shape), (x, th.reshape(x.shape))
+
+
+def gelu_backward_chunked(dout, cache):
+    """gelu_backward_fast, a chunk of rows at a time (row_chunks)."""
+    x, th = cache
+    x2, th2, dout2 = _rows(x), _rows(th), _rows(dout)  # (N, D)
+    dx = np.empty_like(x2)  # (N, D)
+    sech2 = np.empty((min(x2.shape[0], max(1, CHUNK_BYTES // (x2.shape[1] * x.itemsize))),
+                      x2.shape[1]), dtype=x.dtype)  # one chunk's scratch, reused
+    for rows in row_chunks(x2.shape[0], x2.shape[1] * x.itemsize):
+        xs, t, d, s = x2[rows], th2[rows], dx[rows], sech2[: rows.stop - rows.start]
+        np.multiply(xs, xs, out=d)  # x^2
+        d *= 3.0 * 0.044715
+        d += 1.0
+        d *= GELU_COEF  # d(inner)/dx
+        d *= xs
+        np.multiply(t, t, out=s)
+        np.subtract(1.0, s, out=s)  # 1 - th^2
+        d *= s
+        d += t
+        d += 1.0
+        d *= 0.5
+        d *= dout2[rows]
+    return (dx.reshape(x.shape),)
 
 
 # ----------------------------------------------------------------------------------------
@@ -168,6 +280,142 @@ def attention_backward_fast(dy, cache):
     return (dqkv.reshape(B, T, 3 * C),)
 
 
+ATTENTION_TILE = 32  # queries per tile of the causal attention (32 and 64 measured alike at T = 256;
+# 32 skips more of the triangle at T = 64 and 128)
+
+
+def only_past_keys(allowed) -> bool:
+    """True when no query may attend to a later key (causal, with or without padding):
+    then a tile of queries needs only the keys up to its own end."""
+    return allowed is not None and not np.triu(allowed, 1).any()
+
+
+def dropout_mask(shape, dtype, p, rng):
+    """The scaled mask layers.dropout_forward draws for an array of `shape` (the same RNG
+    call, so the same numbers), or None when dropout is off."""
+    if p == 0.0 or rng is None:
+        return None
+    keep = rng.random(shape, dtype=dtype) >= p
+    return keep * np.dtype(dtype).type(1.0 / (1.0 - p))
+
+
+class TiledAttentionCache(NamedTuple):
+    qs: np.ndarray  # (B, NH, T, HS) q * scale
+    k: np.ndarray
+    v: np.ndarray
+    tiles: list  # (batch slice, query slice, att, att_used) per tile
+    drop: object  # the full (B, NH, T, T) scaled dropout mask, or None
+    scale: float
+
+
+def attention_forward_tiled(qkv, n_head, allowed=None, attn_pdrop=0.0, rng=None, tile=None):
+    """attention_forward_fast over tiles of `tile` queries (ATTENTION_TILE) that skip the
+    masked triangle: when no query may see a later key (`only_past_keys`), the tile of
+    queries i0..i1-1 needs the keys 0..i1-1 only. At T = 8 tiles that is 56% of the T x T
+    scores, and each tile's scores are small enough to stay in cache through the softmax
+    (the batch is split too, so one tile's scores are about 2 * CHUNK_BYTES).
+
+    Any other mask (bidirectional, or T <= tile) runs attention_forward_fast unchanged.
+    """
+    B, T, C3 = qkv.shape
+    tile = tile or ATTENTION_TILE
+    if T <= tile or not only_past_keys(allowed):
+        return attention_forward_fast(qkv, n_head, allowed, attn_pdrop, rng)
+    C = C3 // 3
+    HS = C // n_head
+    q, k, v = qkv.reshape(B, T, 3, n_head, HS).transpose(2, 0, 3, 1, 4)  # each (B, NH, T, HS)
+    scale = 1.0 / math.sqrt(HS)
+    qs = q * scale  # (B, NH, T, HS)
+    bias = np.where(allowed, 0.0, -np.inf).astype(qkv.dtype)  # (B or 1, 1, T, T)
+    drop = dropout_mask((B, n_head, T, T), qkv.dtype, attn_pdrop, rng)  # drawn as the plain form does
+    y = np.empty((B, T, C), dtype=qkv.dtype)  # (B, T, C)
+    yh = y.reshape(B, T, n_head, HS).transpose(0, 2, 1, 3)  # (B, NH, T, HS) view
+    # batch rows per tile: the largest tile of scores (tile x T per head) ~ 2 CHUNK_BYTES
+    per_b = n_head * tile * T * qkv.itemsize
+    tiles = []
+    for bs in row_chunks(B, per_b, 2 * CHUNK_BYTES):
+        bb = bias[bs] if bias.shape[0] > 1 else bias
+        for i0 in range(0, T, tile):
+            qt = slice(i0, min(i0 + tile, T))
+            kt = slice(0, qt.stop)  # the keys this tile of queries may see
+            att = qs[bs, :, qt] @ k[bs, :, kt].transpose(0, 1, 3, 2)  # (b, NH, tq, i1)
+            att += bb[:, :, qt, kt]
+            softmax_lastdim_inplace(att)
+            att_used = att if drop is None else att * drop[bs, :, qt, kt]
+            np.matmul(att_used, v[bs, :, kt], out=yh[bs, :, qt])
+            tiles.append((bs, qt, att, att_used))
+    return y, TiledAttentionCache(qs, k, v, tiles, drop, scale)
+
+
+def attention_backward_tiled(dy, cache):
+    """attention_backward_fast, tile by tile (attention_forward_tiled): dq of a tile is
+    written once, dk and dv of the keys it saw are summed over the tiles."""
+    if not isinstance(cache, TiledAttentionCache):
+        return attention_backward_fast(dy, cache)
+    qs, k, v, tiles, drop, scale = cache
+    B, NH, T, HS = qs.shape
+    C = NH * HS
+    dy = dy.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)  # (B, NH, T, HS) view
+    dqkv = np.empty((B, T, 3, NH, HS), dtype=dy.dtype)
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # each (B, NH, T, HS)
+    dk[...] = 0.0
+    dv[...] = 0.0
+    for bs, qt, att, att_used in tiles:
+        kt = slice(0, qt.stop)
+        dyt = dy[bs, :, qt]  # (b, NH, tq, HS)
+        datt = dyt @ v[bs, :, kt].transpose(0, 1, 3, 2)  # (b, NH, tq, i1)
+        dv[bs, :, kt] += att_used.transpose(0, 1, 3, 2) @ dyt
+        if drop is not None:
+            datt *= drop[bs, :, qt, kt]
+        datt -= np.vecdot(datt, att)[..., None]
+        datt *= att  # dpreatt
+        np.matmul(datt, k[bs, :, kt], out=dq[bs, :, qt])
+        dq[bs, :, qt] *= scale
+        dk[bs, :, kt] += datt.transpose(0, 1, 3, 2) @ qs[bs, :, qt]
+    return (dqkv.reshape(B, T, 3 * C),)
+
+
+# ----------------------------------------------------------------------------------------
+# BLAS threads (model.batch_threads runs parts of the batch in threads, BLAS at one each)
+
+# numpy's wheels bundle OpenBLAS with renamed symbols; the plain names cover other builds
+_OPENBLAS_THREAD_FUNCS = [
+    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+    ("openblas_get_num_threads", "openblas_set_num_threads"),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def openblas_thread_funcs():
+    """(get, set) ctypes functions of the OpenBLAS NumPy loaded, or None if not found."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+    except OSError:  # not Linux
+        return None
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)  # already loaded by numpy: this only returns a handle
+        for get_name, set_name in _OPENBLAS_THREAD_FUNCS:
+            if hasattr(lib, get_name) and hasattr(lib, set_name):
+                return getattr(lib, get_name), getattr(lib, set_name)
+    return None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """OpenBLAS at n threads inside the block, as before after it (no-op for another BLAS)."""
+    funcs = openblas_thread_funcs()
+    before = int(funcs[0]()) if funcs else n
+    if before != n:
+        funcs[1](ctypes.c_int(n))
+    try:
+        yield
+    finally:
+        if before != n:
+            funcs[1](ctypes.c_int(before))
+
+
 # ----------------------------------------------------------------------------------------
 # the table
 
@@ -202,9 +450,9 @@ class KernelTable:
 PLAIN = KernelTable("plain")
 FAST = KernelTable(
     "fast",
-    layernorm_forward=layernorm_forward_fast, layernorm_backward=layernorm_backward_fast,
-    gelu_forward=gelu_forward_fast, gelu_backward=gelu_backward_fast,
-    attention_forward=attention_forward_fast, attention_backward=attention_backward_fast,
+    layernorm_forward=layernorm_forward_chunked, layernorm_backward=layernorm_backward_chunked,
+    gelu_forward=gelu_forward_chunked, gelu_backward=gelu_backward_chunked,
+    attention_forward=attention_forward_tiled, attention_backward=attention_backward_tiled,
 )
 KERNELS = {"plain": PLAIN, "fast": FAST}
 

@@ -10,20 +10,25 @@ Parameter names and shapes are those of Hugging Face's GPT2Model state dict (wit
 `transformer.` prefix), weights laid out [in, out] so every linear layer is x @ W + b.
 
 `model.backward()` runs the chain rule back through exactly the caches the last forward
-stored. It honours `model.masks` (name -> 0/1 array, see masks.py): a fully frozen tensor
-gets no gradient computed (a zero array is returned in its place), frozen blocks run in
+stored, then frees them. It honours `model.masks` (name -> 0/1 array, see masks.py): a
+fully frozen tensor gets no gradient computed (a shared read-only zero array is returned
+in its place, `zero_gradient`), frozen blocks run in
 inference mode (no dropout), and the backward pass stops below the lowest trainable
 depth (masks.lowest_trainable_depth), so with a frozen backbone only the head's backward runs.
 
 The layer functions come from a kernel table (kernels.py): the fast forms by default,
-`GPT(config, kernels="plain")` for the plain forms of layers.py. Heads and head switching
-live in heads.py, freezing in masks.py, loading other tools' state dicts in weights.py.
+`GPT(config, kernels="plain")` for the plain forms of layers.py. `GPT(config,
+batch_threads=2)` runs the backbone on two halves of the batch in two threads, the same
+numbers up to float rounding (docs/performance.md#batch-parts-in-threads). Heads and
+head switching live in heads.py, freezing in masks.py, loading other tools' state dicts in weights.py.
 
 Docs: docs/model.md, docs/residual.md (fan-out gradients), docs/tied_weights.md.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -32,7 +37,7 @@ import numpy as np
 from . import heads as H
 from . import masks as M
 from . import weights
-from .kernels import FAST, KernelTable, kernel_table
+from .kernels import FAST, KernelTable, blas_threads, kernel_table
 from .layers import attention_mask
 from .lora import lora_linear_backward, lora_linear_forward
 from .losses import IGNORE_INDEX, cross_entropy, sigmoid, sigmoid_mse
@@ -240,6 +245,18 @@ def block_backward(dx, cache, need_dw=lambda name: True):
     return dx + dres, grads
 
 
+@functools.lru_cache(maxsize=None)
+def zero_gradient(shape, dtype) -> np.ndarray:
+    """The gradient of a frozen or unreached parameter: zeros of that shape, costing nothing.
+
+    A read-only broadcast view of one 0-d zero, shared by every parameter of that shape
+    and dtype: no memory, no fill, no allocation per step. It reads as any zero array
+    (`g.any()`, `g.shape`, `g.dtype`); writing to it raises, and the optimizer skips it
+    when the parameter is frozen (optim.py).
+    """
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
 class BackboneCache(NamedTuple):
     emb: tuple
     embdrop: object
@@ -249,16 +266,74 @@ class BackboneCache(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------
+# batch parts in threads (GPT.batch_threads > 1): NumPy releases the GIL inside its ufunc
+# loops and BLAS calls, so two threads each running the backbone on half of the batch
+# keep both cores busy also in the elementwise kernels, which are single-threaded.
+# Every row of the batch is independent up to the loss, so the parts give the same
+# activations; the head and the loss run on the whole batch as before, and each weight's
+# gradient is the sum of the parts' gradients, added in part order (a fixed order: the
+# same numbers run after run, equal to the one-thread path up to float rounding).
+# docs/performance.md#batch-parts-in-threads
+
+
+class BatchPartsCache(NamedTuple):
+    parts: list  # slices of the batch
+    caches: list  # a BackboneCache per part
+
+
+def batch_parts(model, B: int) -> list[slice] | None:
+    """The batch split into model.batch_threads parts, or None to run it whole: one thread
+    asked for, a single row, or dropout active (the parts would draw from one RNG in an
+    order the threads decide, so the masks would differ run to run)."""
+    n = min(model.batch_threads, B)
+    if n <= 1 or (model.training and model.config.dropout > 0):
+        return None
+    bounds = [B * k // n for k in range(n + 1)]
+    return [slice(bounds[k], bounds[k + 1]) for k in range(n)]
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def in_threads(fn, items) -> list:
+    """[fn(item) for item in items], each call in its own thread, with BLAS at one thread
+    each meanwhile (two threads each asking OpenBLAS for two would oversubscribe)."""
+    items = list(items)
+    pool = _POOLS.get(len(items))
+    if pool is None:
+        pool = _POOLS[len(items)] = ThreadPoolExecutor(len(items), thread_name_prefix="batch-part")
+    with blas_threads(1):
+        futures = [pool.submit(fn, item) for item in items]
+        return [f.result() for f in futures]
+
+
+def sum_in_order(arrays):
+    """arrays[0] + arrays[1] + ..., left to right; None if any is None (a skipped product)."""
+    if any(a is None for a in arrays):
+        return None
+    total = arrays[0].copy()
+    for a in arrays[1:]:
+        total += a
+    return total
+
+
+# ----------------------------------------------------------------------------------------
 # the model
 
 
 class GPT:
     """GPT-2 with a hand-written backward pass. See the module docstring."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, kernels: str | KernelTable = "fast"):
+    def __init__(self, config: GPTConfig, seed: int = 0, kernels: str | KernelTable = "fast",
+                 batch_threads: int = 1):
         self.config = config
         self.dtype = np.dtype(config.dtype)
         self.kernels = kernel_table(kernels)
+        if not isinstance(batch_threads, int) or isinstance(batch_threads, bool) or batch_threads < 1:
+            raise ValueError(f"batch_threads must be a positive integer, got {batch_threads!r}")
+        # > 1: the backbone's forward and backward run on that many parts of the batch, one
+        # thread each (batch_parts); 1: the whole batch in the calling thread
+        self.batch_threads = batch_threads
         self.training = True
         self.masks: dict[str, np.ndarray] = {}  # trainable masks, managed by masks.py
         self.rng = np.random.default_rng([seed, 1])  # dropout masks
@@ -333,8 +408,22 @@ class GPT:
 
         With keep_cache=False nothing is stored for backward (feature extraction); with
         keep_cache=True only the blocks backward will reach (those at or above the lowest
-        trainable depth) keep their caches.
+        trainable depth) keep their caches. With batch_threads > 1 the batch is split into
+        parts, each run in its own thread (`batch_parts`).
         """
+        parts = batch_parts(self, idx.shape[0])
+        if parts is None:
+            h, cache = self._backbone(idx, pad_mask, keep_cache)
+        else:
+            runs = in_threads(lambda s: self._backbone(
+                idx[s], None if pad_mask is None else pad_mask[s], keep_cache), parts)
+            h = np.concatenate([run[0] for run in runs])  # (B, T, C)
+            cache = BatchPartsCache(parts, [run[1] for run in runs]) if keep_cache else None
+        self._backbone_cache = cache
+        return h
+
+    def _backbone(self, idx, pad_mask, keep_cache):
+        """backbone() on one batch: (h, BackboneCache or None)."""
         cfg, p, K = self.config, self.params, self.kernels
         T = idx.shape[1]
         lowest = M.lowest_trainable_depth(self)
@@ -352,8 +441,7 @@ class GPT:
             # backward stops above a frozen block: its activations can be freed now
             blocks.append(c_block if keep_cache and i + 1 >= lowest else None)
         h, c_lnf = K.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])  # (B, T, C)
-        self._backbone_cache = BackboneCache(c_emb, c_embdrop, blocks, c_lnf, lowest) if keep_cache else None
-        return h
+        return h, (BackboneCache(c_emb, c_embdrop, blocks, c_lnf, lowest) if keep_cache else None)
 
     def forward_head(self, h, targets=None, idx=None, attention_mask=None, keep_backbone=False):
         """Run only the head on backbone outputs h (B, T, C), e.g. on cached features.
@@ -394,7 +482,9 @@ class GPT:
     def backward(self) -> dict[str, np.ndarray]:
         """Gradients of the last forward's loss for every parameter (same keys and shapes).
 
-        Fully frozen parameters get a zero array and none of their work is done.
+        Fully frozen parameters get a zero array (a shared read-only view, `zero_gradient`)
+        and none of their work is done. The caches are released at the end: one forward,
+        one backward.
         """
         if self._cache is None or self._cache["dlogits"] is None:
             raise RuntimeError("backward() needs a forward pass with targets first")
@@ -411,26 +501,45 @@ class GPT:
             grads.update(head_grads)
             dh = dx if c["pool"] is None else H.pool_backward(dx, c["pool"])  # (B, T, C)
 
-        bb, L = c["backbone"], cfg.n_layer
-        if bb is not None and bb.lowest <= L + 1:
-            # h = ln_f(x)
-            dx, grads["ln_f.weight"], grads["ln_f.bias"] = K.layernorm_backward(dh, bb.lnf)  # (B, T, C)
-            for i in reversed(range(L)):
-                if bb.lowest > i + 1:
-                    break  # nothing below trains: stop the chain rule here
-                pre = f"h.{i}."
-                dx, block_grads = block_backward(dx, bb.blocks[i], lambda n: trains(pre + n))  # (B, T, C)
-                grads.update({pre + n: g for n, g in block_grads.items()})
-            if bb.lowest == 0:
-                # x = dropout(wte[idx] + wpe[:T])
-                (dx,) = K.dropout_backward(dx, bb.embdrop)
-                dwte, grads["wpe.weight"] = K.embedding_backward(dx, bb.emb)
-                # tied: the embedding and the LM head both use wte, so gradients add up
-                grads["wte.weight"] = dwte if grads["wte.weight"] is None else grads["wte.weight"] + dwte
+        bb = c["backbone"]
+        if isinstance(bb, BatchPartsCache):  # each part's backward in its own thread
+            runs = in_threads(lambda k: self._backbone_backward(dh[bb.parts[k]], bb.caches[k], trains),
+                              range(len(bb.parts)))
+            backbone_grads = {name: sum_in_order([run[name] for run in runs]) for name in runs[0]}
+        else:
+            backbone_grads = self._backbone_backward(dh, bb, trains)
+        # tied: the embedding and the LM head both use wte, so gradients add up
+        if backbone_grads.get("wte.weight") is not None and grads["wte.weight"] is not None:
+            backbone_grads["wte.weight"] = grads["wte.weight"] + backbone_grads["wte.weight"]
+        grads.update(backbone_grads)
 
         for name, g in grads.items():  # frozen or unreached: an explicit zero gradient
             if g is None or M.is_frozen(self, name):
-                grads[name] = np.zeros_like(p[name])
+                grads[name] = zero_gradient(p[name].shape, p[name].dtype)
+        # the activations are not needed any more: free them now, not at the next forward
+        # (a second backward() needs a new forward), see
+        # docs/performance.md#memory-caches-released-when-backward-is-done
+        self.clear_caches()
+        return grads
+
+    def _backbone_backward(self, dh, bb, trains) -> dict:
+        """From dh (B, T, C) at the backbone's output down to the lowest trainable depth:
+        the backbone's gradients by name (None where a product was skipped)."""
+        K, L, grads = self.kernels, self.config.n_layer, {}
+        if bb is None or bb.lowest > L + 1:
+            return grads
+        # h = ln_f(x)
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = K.layernorm_backward(dh, bb.lnf)  # (B, T, C)
+        for i in reversed(range(L)):
+            if bb.lowest > i + 1:
+                break  # nothing below trains: stop the chain rule here
+            pre = f"h.{i}."
+            dx, block_grads = block_backward(dx, bb.blocks[i], lambda n: trains(pre + n))  # (B, T, C)
+            grads.update({pre + n: g for n, g in block_grads.items()})
+        if bb.lowest == 0:
+            # x = dropout(wte[idx] + wpe[:T])
+            (dx,) = K.dropout_backward(dx, bb.embdrop)
+            grads["wte.weight"], grads["wpe.weight"] = K.embedding_backward(dx, bb.emb)
         return grads
 
     # ------------------------------------------------------------------ state

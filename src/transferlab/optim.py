@@ -152,6 +152,8 @@ def _check_masks(params: Params, masks: Mapping[str, Any], check_values: bool) -
         if name not in params:
             raise ValueError(f"mask given for unknown parameter {name!r}")
         mask = np.asarray(mask)
+        if mask.ndim == 0 and not check_values:
+            continue  # a 0-d mask (masks.frozen_mask) broadcasts to any shape
         shape = params[name].shape
         try:
             fits = np.broadcast_shapes(mask.shape, shape) == shape
@@ -256,6 +258,8 @@ class Optimizer:
         if mask is None:
             return True
         mask = np.asarray(mask)
+        if mask.ndim == 0:  # masks.frozen_mask and friends: one number, no array work
+            return True if mask else None
         tau = mask if mask.dtype == bool else mask != 0
         if not tau.any():
             return None
@@ -470,6 +474,12 @@ class SGD(Optimizer):
 # gradient clipping
 
 
+def _constant_zero(g: np.ndarray) -> bool:
+    """True for an array whose entries all share one memory slot holding 0 (a broadcast
+    zero, as model.zero_gradient returns): O(1), never a pass over the array."""
+    return g.size == 0 or (not any(g.strides) and g[(0,) * g.ndim] == 0)
+
+
 def clip_grad_norm(grads: Mapping[str, np.ndarray | None], max_norm: float,
                    masks: Mapping[str, Any] | None = None) -> float:
     """Scale all gradients in place so their global L2 norm is at most `max_norm`.
@@ -485,7 +495,9 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray | None], max_norm: float,
     if max_norm == 0.0:
         raise ValueError("max_norm must be > 0, got 0")
     masks = dict(masks or {})
-    present = {name: g for name, g in grads.items() if g is not None}
+    # a constant zero (the model's zero_gradient of a frozen tensor) adds nothing to the
+    # norm and is unchanged by scaling: skip it rather than copy or write it
+    present = {name: g for name, g in grads.items() if g is not None and not _constant_zero(g)}
     _check_masks(present, {n: m for n, m in masks.items() if n in present}, check_values=True)
     sum_sq = 0.0
     for name, g in present.items():
