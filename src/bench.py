@@ -760,6 +760,45 @@ def format_kernel_gains(result) -> str:
 # --compare-layers REV: the kernels of an older revision against the working tree
 
 
+def bench_generate(name, repeat, torch=None, prompt_len=16, new_tokens=32) -> dict:
+    """KV-cached greedy generation, tokens per second: GPT.generate (generate.py) against
+    Hugging Face's GPT2LMHeadModel.generate(do_sample=False) on the same weights, rested
+    and alternated like every other timing here. Also says whether both produced the same
+    tokens (the weights are drawn wide, std 0.3, so near-ties in the logits are rare)."""
+    spec = SIZES[name]
+    cfg = GPTConfig(vocab_size=spec["vocab_size"], block_size=spec["block_size"], n_layer=spec["n_layer"],
+                    n_head=spec["n_head"], n_embd=spec["n_embd"], init_std=0.3)
+    model = GPT(cfg, seed=0).eval()
+    new_tokens = min(new_tokens, cfg.block_size - prompt_len)  # the context bounds prompt + new
+    idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, prompt_len))
+    fns = {"numpy": lambda: model.generate(idx, new_tokens, temperature=0.0)}
+    out = {"prompt_tokens": prompt_len, "new_tokens": new_tokens}
+    if torch is not None:
+        import transformers
+
+        from transferlab.hf import hf_config, hf_state_dict
+
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config(model))).eval()
+        hf.load_state_dict({k: torch.tensor(v) for k, v in hf_state_dict(model).items()}, strict=False)
+        tidx, ones = torch.tensor(idx), torch.ones(idx.shape, dtype=torch.long)
+
+        def hf_generate():
+            with torch.no_grad():
+                return hf.generate(tidx, attention_mask=ones, do_sample=False, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, pad_token_id=0)
+
+        out["same_tokens"] = bool(np.array_equal(fns["numpy"](), hf_generate().numpy()))
+        fns["torch"] = hf_generate
+    runs = rested(fns, repeat, warmup=1)
+    for side, records in runs.items():
+        wall = statistics.median(r["wall"] for r in records)
+        out[f"{side}_tokens_per_s"] = new_tokens / wall
+        out[f"{side}_cpu_use"] = statistics.median(r["cpu"] / r["wall"] for r in records)
+    if torch is not None:
+        out["speed_ratio"] = out["numpy_tokens_per_s"] / out["torch_tokens_per_s"]  # > 1: NumPy faster
+    return out
+
+
 def layers_from_git(rev: str):
     """src/transferlab/layers.py as it was at git revision `rev`, loaded as a module."""
     root = Path(__file__).resolve().parents[1]
@@ -1044,6 +1083,8 @@ def main(argv=None) -> int:
                         help="instead: time layers.py of git revision REV against the working tree")
     parser.add_argument("--kernels", action="store_true",
                         help="instead: each fast kernel against its plain and in-place forms")
+    parser.add_argument("--generate", action="store_true",
+                        help="instead: KV-cached generation tokens/s against Hugging Face's generate")
     parser.add_argument("--rss-child", nargs=2, metavar=("SIZE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -1060,6 +1101,22 @@ def main(argv=None) -> int:
         result = kernel_gains(args.sizes, args.repeat)
         print(f"load average (1, 5, 15 min): {load_average()}")
         print(format_kernel_gains(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    if args.generate:
+        torch = import_torch() if args.use_torch else None
+        threads = set_threads(args.threads or available_cores(), torch)
+        load = load_average()
+        result = {"load_before": load, "threads": threads,
+                  "sizes": {n: bench_generate(n, min(args.repeat, GPT2_REPEAT) if n == "gpt2" else args.repeat, torch)
+                            for n in args.sizes}}
+        print(f"load average (1, 5, 15 min) before: {load}; threads: {threads}")
+        for n, r in result["sizes"].items():
+            hf = (f"  Hugging Face {r['torch_tokens_per_s']:8.1f} tokens/s  ratio {r['speed_ratio']:.2f}"
+                  f"  same tokens: {r['same_tokens']}") if "torch_tokens_per_s" in r else ""
+            print(f"{n:<7} generate {r['new_tokens']} after {r['prompt_tokens']}: "
+                  f"NumPy {r['numpy_tokens_per_s']:8.1f} tokens/s{hf}")
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0

@@ -187,3 +187,16 @@ def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
     for r in result.values():
         assert r["plain_ms"] > 0 and r["inplace_ms"] > 0 and r["table_ms"] > 0
     assert "attention" in bench.format_kernel_gains({"tiny": result})
+
+
+def test_generate_bench_reports_tokens_per_second_and_agrees_with_hugging_face(tmp_path, restore_threads):
+    """--generate: KV-cached greedy generation timed beside Hugging Face's generate on the same
+    weights; both must produce the same tokens, else the timing compares different work."""
+    out = tmp_path / "gen.json"
+    assert bench.main(["--generate", "--sizes", "tiny", "--repeat", "1", "--rest", "0.01",
+                       "--threads", "1", "--json", str(out)]) == 0
+    tiny = json.loads(out.read_text())["sizes"]["tiny"]
+    assert tiny["new_tokens"] == 32 - 16 and tiny["numpy_tokens_per_s"] > 0  # tiny's context is 32
+    if torch is not None:
+        assert tiny["same_tokens"] is True and tiny["torch_tokens_per_s"] > 0
+        assert tiny["speed_ratio"] == pytest.approx(tiny["numpy_tokens_per_s"] / tiny["torch_tokens_per_s"])
