@@ -223,6 +223,8 @@ class RunnerConfig:
     cache_dir: str = knob("cache", "where the pretrained model is cached", nonempty=True)
     plot: str = knob("results.png", "learning-curve / sweep plot", nonempty=True)
     progress: bool = knob(True, "show progress while training")
+    jobs: int = knob(1, "worker processes for the independent runs (one BLAS thread each); "
+                        "1 = every run in this process", ge=1)
     sweep_values: tuple[float, ...] = knob((0.0, 0.25, 0.5, 0.75, 1.0),
                                            "task.relatedness values for --sweep relatedness",
                                            ge=0, le=1, nonempty=True)
@@ -388,7 +390,13 @@ def _env_layers(config_path):
     sources = []
     for env_file in candidates:
         if env_file.is_file():
-            sources.append((str(env_file), dotenv_values(env_file)))
+            try:
+                sources.append((str(env_file), dotenv_values(env_file, encoding="utf-8")))
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{env_file}: not UTF-8 text (byte 0x{err.object[err.start]:02x} "
+                                  f"at offset {err.start}); save the .env file as UTF-8") from None
+            except OSError as err:
+                raise ConfigError(f"{env_file}: cannot read the .env file: {_one_line(err)}") from None
             break  # the first .env found is the one used
     sources.append(("environment", os.environ))  # real variables beat the .env file
 
