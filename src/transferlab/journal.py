@@ -48,12 +48,13 @@ def result_config(config) -> dict:
     return out
 
 
-def run_config(config, strategy: str, seed: int, pretrained_sha256: str | None) -> dict:
+def run_config(config, strategy: str, seed: int, pretrained_id: str | None) -> dict:
     """What one fine-tuning run depends on: the result config without the grid (runner),
-    plus its own strategy, seed and pretrained model (task.relatedness is in `task`)."""
+    plus its own strategy, seed and pretrained model (runner.pretrained_id: the cache key or
+    the given file's SHA-256); task.relatedness is in `task`."""
     d = result_config(config)
     d.pop("runner", None)
-    return {**d, "run": {"strategy": strategy, "seed": int(seed), "pretrained_sha256": pretrained_sha256}}
+    return {**d, "run": {"strategy": strategy, "seed": int(seed), "pretrained": pretrained_id}}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
