@@ -1,16 +1,20 @@
 """transferlab command line: parse the flags, load the config, hand both to the runner.
 
     python src/main.py --strategy full_finetune bitfit --seeds 0 1 2
+    python src/main.py --strategy full_finetune bitfit --seeds 0 1 2 --resume   # after Ctrl-C
     python src/main.py generate --model gpt2/ --prompt "Hello" --temperature 0
     python src/main.py --help
 
-Exit status: 0 done; 2 a bad flag or a bad config value (one line says which);
-1 the run itself failed (one line here, the traceback in the log file); 130 interrupted.
+Exit status: 0 done; 2 a bad flag, a bad config value or a path that cannot be written
+(one line says which); 1 the run itself failed (one line here, the traceback in the log
+file); 130 interrupted by Ctrl-C, 143 by SIGTERM (the message says how to continue).
 """
 import argparse
 import difflib
 import json
 import logging
+import shlex
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -34,8 +38,13 @@ examples:
   python src/main.py --strategy head_finetune bitfit --task tagging
   python src/main.py --strategy full_finetune --set finetune.lr=3e-4 --set runner.seeds=[0,1]
   python src/main.py --strategy scratch full_finetune --sweep relatedness
-  python src/main.py --strategy full_finetune --pretrained cache/pretrained.npz
-  python src/main.py generate --help     text from a GPT-2 folder or a checkpoint
+  python src/main.py --strategy all --seeds 0 1 2 --jobs 2
+  python src/main.py --strategy all --seeds 0 1 2 --resume
+      (after Ctrl-C or a kill: the same command plus --resume; finished runs are not redone)
+  python src/main.py --strategy full_finetune --pretrained cache/pretrained-*.npz
+      (the model a default run pretrained and cached; the shell fills in its key)
+  python src/main.py generate --model gpt2/ --prompt "Hello" --temperature 0
+      (text from a GPT-2 folder you downloaded, docs/gpt2.md; generate --help lists its flags)
 
 Flags override config.yaml, which overrides the defaults; RANDOM_SEED and LOG_LEVEL
 (environment or .env) sit between the file and the flags. See docs/configuration.md.
@@ -67,6 +76,24 @@ def _existing_file(text):
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text!r}")
     return text
+
+
+def _output_file(text):
+    if text.strip() == "":
+        raise argparse.ArgumentTypeError("must name a file (runner.output), got ''")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file (runner.output)")
+    return text
+
+
+def _jobs(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _override(text):
@@ -101,7 +128,7 @@ def build_parser():
         help="YAML config file (default: config.yaml at the repository root). "
              "Example: --config my_config.yaml")
     parser.add_argument(
-        "--output", metavar="PATH",
+        "--output", metavar="PATH", type=_output_file,
         help="results JSON file (default: runner.output). Example: --output runs/results.json")
     parser.add_argument(
         "--seeds", nargs="+", metavar="N", type=_seed,
@@ -111,9 +138,16 @@ def build_parser():
         help="use this pretrained checkpoint instead of pretraining (or the cache). "
              "Example: --pretrained cache/pretrained.npz")
     parser.add_argument(
-        "--resume", metavar="PATH", type=_existing_file,
-        help="continue an interrupted run from this checkpoint. "
-             "Example: --resume runs/full_finetune-seed0.npz")
+        "--resume", metavar="PATH", nargs="?", const=True, type=_existing_file,
+        help="without PATH: continue the experiment this same command started (after Ctrl-C, "
+             "SIGTERM or a kill): finished runs are read from its journal, the interrupted one "
+             "continues from its checkpoint. With PATH: continue that one run's checkpoint "
+             "(cache/runs/<strategy>-<task>-seed<k>.npz, kept while it is interrupted). "
+             "Example: python src/main.py --strategy all --resume")
+    parser.add_argument(
+        "--jobs", metavar="N", type=_jobs,
+        help="run the independent runs in N worker processes, one BLAS thread each; the "
+             "results equal --jobs 1 (default: runner.jobs). Example: --jobs 2")
     parser.add_argument(
         "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
         type=_override,
@@ -139,24 +173,54 @@ def config_from_args(args):
         overrides.append(("task.target", args.task))
     if args.seeds:
         overrides.append(("runner.seeds", args.seeds))
-    if args.output:
+    if args.output is not None:
         overrides.append(("runner.output", args.output))
+    if args.jobs is not None:
+        overrides.append(("runner.jobs", args.jobs))
     if args.no_progress:
         overrides.append(("runner.progress", False))
     return load_config(args.config, overrides=overrides)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it stops exactly as Ctrl-C does."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
+def resume_command(argv) -> str:
+    """The command that continues this one: the same flags plus --resume (once)."""
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith("main.py") else "src/main.py"
+    args = list(argv)
+    if "--resume" not in args and not any(a.startswith("--resume=") for a in args):
+        args.append("--resume")
+    return shlex.join(["python", script, *args])
+
+
 def main(argv=None):
     """Run the command line on `argv` (default sys.argv[1:]); return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (a notebook's worker): no handler, no harm
+        previous = None
     try:
         if argv[:1] == ["generate"]:  # the one subcommand: text from a model (generate_cli.py)
             from transferlab.generate_cli import main as generate_main
             return generate_main(argv[1:])
         return _main(argv)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        # Ctrl-C and SIGTERM alike: each finished run is in the journal, the one that was
+        # training has its last checkpoint; the same command with --resume goes on
+        print(f"interrupted: finished runs are saved; continue with: {resume_command(argv)}",
+              file=sys.stderr)
+        return 143 if isinstance(stop, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv):
@@ -184,7 +248,7 @@ def _main(argv):
     try:
         from transferlab.runner import run
         status = run(config, pretrained=args.pretrained, resume=args.resume, sweep=args.sweep,
-                     progress=config.runner.progress)
+                     progress=config.runner.progress, argv=argv)
     except ConfigError as err:  # the runner found a bad combination of knobs
         log.error("configuration error: %s", err, exc_info=True, extra={"console": False})
         print(f"error: {err}", file=sys.stderr)

@@ -19,7 +19,7 @@ from transferlab.logs import setup_logging
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "src" / "main.py"
 FLAGS = ("--strategy", "--task", "--config", "--output", "--seeds", "--pretrained",
-         "--resume", "--set", "--sweep", "--no-progress", "--help")
+         "--resume", "--jobs", "--set", "--sweep", "--no-progress", "--help")
 
 
 def _load_main():
@@ -69,9 +69,9 @@ def runner(monkeypatch):
     fake.calls = []
     fake.behaviour = lambda: 0
 
-    def run(config, pretrained=None, resume=None, sweep=None, progress=True):
+    def run(config, pretrained=None, resume=None, sweep=None, progress=True, argv=None):
         fake.calls.append(dict(config=config, pretrained=pretrained, resume=resume,
-                               sweep=sweep, progress=progress))
+                               sweep=sweep, progress=progress, argv=argv))
         return fake.behaviour()
 
     fake.run = run
@@ -240,12 +240,17 @@ def test_config_error_from_the_runner_exits_2(capsys, runner, config_file):
         "error: replace_in: task.relatedness must be in [0, 1], got 3.0\n")
 
 
-def test_keyboard_interrupt_exits_130(capsys, runner, config_file):
+def test_keyboard_interrupt_exits_130_and_says_the_resume_command(capsys, runner, config_file):
     def interrupt():
         raise KeyboardInterrupt
     runner.behaviour = interrupt
-    assert cli.main(["--config", str(config_file)]) == 130
-    assert capsys.readouterr().err == "interrupted\n"
+    assert cli.main(["--config", str(config_file), "--seeds", "0", "1"]) == 130
+    assert capsys.readouterr().err == (
+        f"interrupted: finished runs are saved; continue with: python src/main.py "
+        f"--config {config_file} --seeds 0 1 --resume\n")
+    # resuming again and interrupted again: the same command, not a second --resume
+    assert cli.main(["--config", str(config_file), "--resume"]) == 130
+    assert capsys.readouterr().err.endswith(f"--config {config_file} --resume\n")
 
 
 def test_runner_status_is_passed_on(runner, config_file):

@@ -343,7 +343,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_numbers(world, tmp_path):
     assert proc.returncode == 130, proc.stderr
     saved = cache / "runs" / "full_finetune-topic-seed0.npz"
     assert saved.is_file(), sorted(map(str, cache.rglob("*")))
-    assert f"--resume {saved}" in proc.stderr  # the console says how to continue
+    # the console says how to continue: the same command plus --resume (the whole experiment)
+    assert proc.stderr.splitlines()[-1].endswith(" ".join(["--strategy", "full_finetune", *common, "--resume"]))
     assert not (tmp_path / "results.json").exists()
 
     _mark_first_evaluation(saved)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from transferlab.report import Progress, summarize, table
+from transferlab.report import Overall, Progress, summarize, table
 
 
 # ---------------------------------------------------------------------- summary and table
@@ -57,12 +57,60 @@ def test_table_has_a_row_per_strategy_and_the_pretrained_loss():
 # ---------------------------------------------------------------------- progress line
 
 
-def test_progress_line_only_when_enabled():
-    quiet, loud = io.StringIO(), io.StringIO()
-    Progress("x", 4, enabled=False, stream=quiet).update(4, 1.0, 1e-3)
-    bar = Progress("full_finetune (seed 0)", 4, enabled=True, stream=loud)
-    bar.update(4, 0.5, 1e-3)
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as sys.stderr does in an interactive shell."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_is_silent_when_disabled():
+    quiet = io.StringIO()
+    overall = Overall(2, 4, enabled=False, stream=quiet)
+    bar = Progress("x", 4, enabled=False, stream=quiet, overall=overall)
+    bar.update(4, 1.0, 1e-3)
+    bar.evaluated(4, 1.0, 1e-3, "accuracy", 0.5)
+    bar.note("early stop at step 4")
+    overall.finished("x", 4, 4)
     assert quiet.getvalue() == ""
-    text = loud.getvalue()
-    assert "full_finetune (seed 0)" in text and "4/4" in text and "0.5000" in text
-    assert text.endswith("\n") and math.isfinite(float(text.split("loss")[1].split()[0]))
+
+
+def test_not_on_a_terminal_one_plain_line_per_evaluation_and_no_carriage_returns():
+    out = io.StringIO()  # a file or a pipe: isatty() is False
+    overall = Overall(n_runs=2, steps_per_run=6, stream=out)
+    bar = Progress("full_finetune (seed 0)", 6, stream=out, overall=overall)
+    for step in range(1, 6):
+        bar.update(step, 0.5, 1e-3)
+        if step % 3 == 0:
+            bar.evaluated(step, 0.5, 1e-3, "accuracy", 0.75)
+    bar.note("early stop at step 5: no better accuracy in 1 evaluations")
+    bar.close()
+    overall.finished("full_finetune (seed 0)", 5, bar.step, "early stop")
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) == 3, text  # the evaluation, the early stop, the end of the run
+    assert lines[0].startswith("run 1/2 full_finetune (seed 0): step 3/6 loss 0.5000 lr 1.00e-03 "
+                               "val accuracy 0.7500")
+    assert "it/s" in lines[0] and "total time left" in lines[0]
+    assert lines[1] == ("run 1/2 full_finetune (seed 0): early stop at step 5: "
+                        "no better accuracy in 1 evaluations")  # on a line of its own
+    assert lines[2].startswith("run 1/2 full_finetune (seed 0): early stop at step 5")
+    assert overall.done_steps == 6  # the step the early stop skipped counts as done
+
+
+def test_on_a_terminal_an_overall_bar_above_the_run_bar():
+    out = Terminal()
+    overall = Overall(n_runs=3, steps_per_run=4, stream=out)
+    bar = Progress("bitfit (seed 1)", 4, stream=out, overall=overall)
+    for step in range(1, 5):
+        bar.update(step, 0.25, 2e-3)
+    bar.note("resumed at step 2 from x.npz")
+    bar.close()
+    overall.finished("bitfit (seed 1)", 4, bar.step)
+    overall.close()
+    text = out.getvalue()
+    assert "run 1/3" in text and "total" in text  # run k of N, total time left
+    assert "bitfit (seed 1) 4/4" in text and "loss 0.2500 lr 2.00e-03" in text and "it/s" in text
+    # a line of its own: the bars are cleared (\r, blanks, cursor up) before it, redrawn after
+    assert "\x1b[Arun 1/3 bitfit (seed 1): resumed at step 2 from x.npz\n" in text

@@ -53,7 +53,7 @@ import numpy as np
 
 from .fileio import atomic_open  # the one atomic writer (fileio.py)
 from .model import GPT, GPTConfig
-from .weights import LoadReport
+from .weights import LoadReport, check_weight
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "Checkpoint", "save_checkpoint",
            "load_checkpoint", "model_from_checkpoint", "load_into", "resume", "file_sha256"]
@@ -354,6 +354,7 @@ def model_from_checkpoint(ckpt_or_path, seed: int = 0) -> GPT:
         raise CheckpointError(f"{ckpt.path}: its model config cannot be rebuilt ({e})") from None
     model = GPT(config, seed=seed)
     _check_same_params(model, ckpt)
+    _check_weights(ckpt)
     for name, value in ckpt.params.items():
         model.params[name][...] = value
     model.masks.update({name: mask.copy() for name, mask in ckpt.masks.items()})
@@ -373,6 +374,16 @@ def _check_same_params(model: GPT, ckpt: Checkpoint) -> None:
         raise CheckpointError(f"{ckpt.path} does not fit this model: " + "; ".join(problems))
 
 
+def _check_weights(ckpt: Checkpoint) -> None:
+    """Refuse integer or non-finite parameters before any of them is copied anywhere:
+    a NaN weight is a broken file, not a learning-rate problem to find out in training."""
+    for name, value in ckpt.params.items():
+        try:
+            check_weight(name, value)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+
+
 def resume(path, model: GPT, optimizer=None, schedule=None) -> Checkpoint:
     """Restore a run exactly: parameters, masks, optimizer state, schedule state, dropout RNG.
 
@@ -390,6 +401,7 @@ def resume(path, model: GPT, optimizer=None, schedule=None) -> Checkpoint:
     if differ:
         raise CheckpointError(f"{ckpt.path} was saved from a different model: " + "; ".join(differ))
     _check_same_params(model, ckpt)
+    _check_weights(ckpt)
     # optimizer and schedule first: they validate what they load and may refuse it
     if optimizer is not None:
         if ckpt.optimizer_state is None:

@@ -265,6 +265,8 @@ class RunnerConfig:
     cache_dir: str = knob("cache", "where the pretrained model is cached", nonempty=True)
     plot: str = knob("results.png", "learning-curve / sweep plot", nonempty=True)
     progress: bool = knob(True, "show progress while training")
+    jobs: int = knob(1, "worker processes for the independent runs (one BLAS thread each); "
+                        "1 = every run in this process", ge=1)
     lr_values: tuple[float, ...] = knob((1e-4, 3e-4, 1e-3, 3e-3), "learning rates for --sweep lr "
                                         "(each strategy's rate is then chosen on the validation split)",
                                         gt=0, nonempty=True)
@@ -433,7 +435,13 @@ def _env_layers(config_path):
     sources = []
     for env_file in candidates:
         if env_file.is_file():
-            sources.append((str(env_file), dotenv_values(env_file)))
+            try:
+                sources.append((str(env_file), dotenv_values(env_file, encoding="utf-8")))
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{env_file}: not UTF-8 text (byte 0x{err.object[err.start]:02x} "
+                                  f"at offset {err.start}); save the .env file as UTF-8") from None
+            except OSError as err:
+                raise ConfigError(f"{env_file}: cannot read the .env file: {_one_line(err)}") from None
             break  # the first .env found is the one used
     sources.append(("environment", os.environ))  # real variables beat the .env file
 

@@ -35,6 +35,16 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, _value):
         pass
 
+    def emit(self, record):
+        # progress bars (report.Progress, tqdm) stand aside for the line and redraw below it,
+        # so a log line is never glued to a half-drawn bar
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return super().emit(record)
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
+
 
 class _ConsoleFormatter(logging.Formatter):
     """"WARNING something happened": one line; tracebacks only at DEBUG."""

@@ -1,8 +1,10 @@
-"""Reporting an experiment: the progress line, the summary over seeds, the table, the plot.
+"""Reporting an experiment: progress (tqdm on a terminal, plain lines elsewhere), the
+summary over seeds, the table, the plot.
 
 runner.py runs the experiment and hands its results entries here:
 
-    bar = Progress("full_finetune (seed 0)", total=300)   # train() calls bar.update(...)
+    overall = Overall(n_runs=9, steps_per_run=300)     # run k of N, total time left
+    bar = Progress("full_finetune (seed 0)", total=300, overall=overall)  # train() calls it
     summary = summarize(entries, kind)    # mean +- std over seeds per strategy (and relatedness)
     print(table(summary, pretrained_loss))
     plot("results.png", entries, summary, kind, sweep=False)
@@ -22,35 +24,167 @@ from .fileio import atomic_open
 from .tasks import task_kind
 
 
-# ---------------------------------------------------------------------- progress line
+# ---------------------------------------------------------------------- progress
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0.0)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Overall:
+    """The experiment as a whole: run k of N and the total time left (by steps trained).
+
+    On a terminal a tqdm bar on the top line; elsewhere it only feeds the plain lines of
+    each run (`Progress`). Runs read back from the journal count as done, not as speed.
+    """
+
+    def __init__(self, n_runs: int, steps_per_run: int, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled, self.n_runs, self.steps_per_run = enabled, n_runs, steps_per_run
+        self.tty = enabled and _isatty(self.stream)
+        self.k, self.done_steps, self.trained_steps, self.t0 = 0, 0, 0, time.perf_counter()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n_runs * steps_per_run, file=self.stream, position=0,
+                            unit="step", dynamic_ncols=True, desc=f"run 0/{n_runs}",
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} total")
+
+    def time_left(self) -> float | None:
+        elapsed = time.perf_counter() - self.t0
+        if self.trained_steps == 0:
+            return None
+        rate = self.trained_steps / max(elapsed, 1e-9)
+        return (self.n_runs * self.steps_per_run - self.done_steps) / rate
+
+    def begin(self, label: str) -> int:
+        """A run starts; returns its number k (1-based)."""
+        self.k += 1
+        if self.bar is not None:
+            self.bar.set_description_str(f"run {self.k}/{self.n_runs}", refresh=True)
+        return self.k
+
+    def advance(self, steps: int, trained: bool = True) -> None:
+        steps = min(steps, self.n_runs * self.steps_per_run - self.done_steps)
+        self.done_steps += steps
+        if trained:
+            self.trained_steps += steps
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def finished(self, label: str, steps_run: int, steps_counted: int, how: str = "done",
+                 trained: bool = True) -> None:
+        """A run ended (or was read back from the journal): count what it did not train."""
+        self.advance(max(self.steps_per_run - steps_counted, 0), trained=False)
+        if self.enabled and not self.tty:
+            left = self.time_left()
+            eta = f", total time left {_clock(left)}" if left is not None else ""
+            what = how if "step" in how else f"{how} at step {steps_run}"
+            self.stream.write(f"run {self.k}/{self.n_runs} {label}: {what}{eta}\n")
+            self.stream.flush()
+
+    def note(self, text: str) -> None:
+        """A line of its own (early stop, resume, a run read back from the journal)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 class Progress:
-    """One status line on stderr: what runs, step, loss, rate and time left."""
+    """One run's progress: step, loss, learning rate, it/s and time left.
 
-    def __init__(self, label: str, total: int, enabled: bool = True, stream=None):
+    On a terminal (stream.isatty()) a tqdm bar, under the experiment's `Overall` bar when
+    there is one. Elsewhere (a file, a pipe, CI) one plain line per evaluation and no
+    carriage returns. Early stops and resumes get a line of their own (`note`).
+
+        bar = Progress("full_finetune (seed 0)", total=300)   # train() calls bar.update(...)
+    """
+
+    def __init__(self, label: str, total: int, enabled: bool = True, stream=None,
+                 overall: Overall | None = None):
         self.label, self.total, self.stream = label, total, stream or sys.stderr
-        self.enabled = enabled
+        self.enabled, self.overall = enabled, overall
+        self.tty = enabled and _isatty(self.stream)
         self.t0 = time.perf_counter()
-        self.last_draw = 0.0
+        self.step = self.first = 0
+        self.bar = None
+        self.k = overall.begin(label) if overall is not None else None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=self.stream, desc=label, leave=overall is None,
+                            position=1 if overall is not None else 0, dynamic_ncols=True,
+                            unit="it", bar_format="{desc} {n_fmt}/{total_fmt}|{bar}|"
+                                                  "{postfix} {rate_fmt} {remaining} left")
+
+    def _prefix(self) -> str:
+        k = f"run {self.k}/{self.overall.n_runs} " if self.overall is not None else ""
+        return f"{k}{self.label}"
 
     def update(self, step: int, loss: float, lr: float) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last_draw < 0.1 and step < self.total):
+        """After each optimizer step (train.train)."""
+        if self.overall is not None:
+            self.overall.advance(step - self.step)
+        if self.step == 0 and step > 1:
+            self.first = step - 1  # a resumed run: its rate counts from here
+        self.step, self.loss, self.lr = step, loss, lr
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e}", refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def evaluated(self, step: int, loss: float, lr: float, metric: str, value: float) -> None:
+        """After each evaluation: the plain line (not on a terminal)."""
+        if not self.enabled or self.tty:
             return
-        self.last_draw = now
-        rate = step / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else 0.0
-        self.stream.write(f"\r{self.label:<28} {step:>5}/{self.total} loss {loss:7.4f} "
-                          f"lr {lr:.2e} {rate:6.0f} it/s eta {eta:4.1f}s ")
-        if step >= self.total:
-            self.stream.write("\n")
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.first) / max(elapsed, 1e-9)
+        left = (self.total - step) / rate if rate > 0 else 0.0
+        total_left = self.overall.time_left() if self.overall is not None else None
+        total = f", total time left {_clock(total_left)}" if total_left is not None else ""
+        self.stream.write(f"{self._prefix()}: step {step}/{self.total} loss {loss:.4f} "
+                          f"lr {lr:.2e} val {metric} {value:.4f} {rate:.0f} it/s, "
+                          f"run time left {_clock(left)}{total}\n")
         self.stream.flush()
 
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
+    def note(self, text: str, step: int | None = None) -> None:
+        """A line of its own: "early stop at step 225 ...", "resumed at step 100 ..."."""
+        if step is not None and self.step == 0:
+            self.step = self.first = step  # resumed: the steps before were done earlier
+            if self.overall is not None:
+                self.overall.advance(step, trained=False)
+            if self.bar is not None:
+                self.bar.update(step)
+        line = f"{self._prefix()}: {text}"
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            self.stream.write(line + "\n")
             self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # ---------------------------------------------------------------------- summary, table, plot

@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint as C
+from . import journal as J
 from . import lora
 from . import masks as M
 from . import strategies as S
-from .config import config_hash, finetune_for, replace_in
-from .fileio import write_json_atomic
+from .config import ConfigError, config_hash, finetune_for, replace_in
+from .fileio import OutputError, check_writable, remove_stale_temporaries, write_json_atomic
 from .model import GPT, GPTConfig
 from .baselines import baselines_for, source_reference
-from .report import Progress, plot, summarize, summarize_references, table
+from .report import Overall, Progress, plot, summarize, summarize_references, table
 from .tasks import TaskSpec, append_cls, make_source, make_target, task_kind
 from .train import Data, evaluate, lm_split, train
 
@@ -45,12 +47,17 @@ def task_spec(config) -> TaskSpec:
         min_len=t.min_len, seed=config.seed)
 
 
-def pretrain_key(config) -> str:
+def pretrain_config(config) -> dict:
     """Everything pretraining depends on; the target task and relatedness are not part of it."""
     task = {k: v for k, v in config.to_dict()["task"].items()
             if k not in ("relatedness", "target", "n_target_train", "n_target_val", "n_target_test", "min_len")}
-    return config_hash({"seed": config.seed, "model": config.to_dict()["model"], "task": task,
-                        "pretrain": config.to_dict()["pretrain"]})
+    return {"seed": config.seed, "model": config.to_dict()["model"], "task": task,
+            "pretrain": config.to_dict()["pretrain"]}
+
+
+def pretrain_key(config) -> str:
+    """The pretrained-model cache key: config_hash of pretrain_config."""
+    return config_hash(pretrain_config(config))
 
 
 def backbone_config(config, spec: TaskSpec) -> GPTConfig:
@@ -72,7 +79,8 @@ def pretrain(config, spec: TaskSpec, path: Path, progress: bool) -> dict:
     log.info("pretrained in %.1fs: source val loss %.4f (best at step %d)",
              result.seconds, result.best["loss"], result.best_step)
     C.save_checkpoint(path, model, step=result.steps_run,
-                      extra={"kind": "pretrained", "history": result.history, "key": pretrain_key(config)})
+                      extra={"kind": "pretrained", "history": result.history, "key": pretrain_key(config),
+                             "pretrain_config": pretrain_config(config)})
     return {"seconds": result.seconds, "history": result.history}
 
 
@@ -137,8 +145,12 @@ def lm_stage(config, plan, spec, target, pretrained, seed):
 
 
 def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: bool,
-            resume: str | None = None, checkpoint: str | None = None) -> dict:
-    """One strategy, one seed: one entry of the results JSON's `results` list (docs/API.md, Runner)."""
+            resume: str | None = None, checkpoint: str | None = None, overall=None,
+            fingerprint: dict | None = None) -> dict:
+    """One strategy, one seed: one entry of the results JSON's `results` list (docs/API.md, Runner).
+
+    overall: the experiment's report.Overall (run k of N); fingerprint: the run's
+    journal.run_config, recorded in its checkpoint so a resume can be checked against it."""
     spec = task_spec(config)
     kind = config.task.target
     target = make_target(kind, spec, seed=seed)
@@ -152,11 +164,18 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
     if model.config.cls_id is not None:
         splits = [append_cls(s, model.config.cls_id) for s in splits]
     data = Data(kind, *splits)
-    bar = Progress(f"{strategy} (seed {seed})", config.finetune.steps, progress)
-    result = train(model, data, plan, finetune_for(config, strategy), seed=seed, progress=bar,
-                   checkpoint=checkpoint, resume=resume,
-                   extra={"kind": "finetune", "strategy": strategy, "seed": seed, "task": kind,
-                          "relatedness": config.task.relatedness})
+    bar = Progress(f"{strategy} (seed {seed})", config.finetune.steps, progress, overall=overall)
+    extra = {"kind": "finetune", "strategy": strategy, "seed": seed, "task": kind,
+             "relatedness": config.task.relatedness}
+    if fingerprint is not None:
+        extra["run_config"] = fingerprint
+    try:
+        result = train(model, data, plan, finetune_for(config, strategy), seed=seed, progress=bar,
+                       checkpoint=checkpoint, resume=resume, extra=extra)
+    finally:
+        bar.close()
+    if overall is not None:
+        overall.finished(f"{strategy} (seed {seed})", result.steps_run, bar.step, result.stopped)
     test = evaluate(model, kind, data.test, cache=result.cache, cache_name="test")
     entry = {
         "strategy": strategy, "task": kind, "seed": seed,
@@ -190,18 +209,48 @@ def reference_entries(config, relatedness_values) -> list[dict]:
     return out
 
 
+SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dtype")
+
+
+def check_pretrained(ckpt, config, given: bool) -> None:
+    """Refuse (exit 2, the differing keys listed) a pretrained checkpoint made under another
+    model shape, source task or seed, or a cached one made under other pretraining knobs."""
+    spec = task_spec(config)
+    want = backbone_config(config, spec).to_dict()
+    what = f"pretrained checkpoint {ckpt.path}"
+    J.refuse(what, {"model": {k: ckpt.config.get(k) for k in SHAPE_KEYS}},
+             {"model": {k: want[k] for k in SHAPE_KEYS}},
+             " (model.vocab_size follows task.n_tokens)")
+    saved = (ckpt.extra or {}).get("pretrain_config")
+    if saved is None:  # not ours, or from before fingerprints: the shape check is all we have
+        return
+    ours = pretrain_config(config)
+    if given:  # a checkpoint given on purpose replaces pretraining: only the source task counts
+        saved = {k: v for k, v in saved.items() if k in ("seed", "task")}
+        ours = {k: v for k, v in ours.items() if k in ("seed", "task")}
+    J.refuse(what, saved, ours, "" if given else "; delete it to pretrain again")
+
+
+def pretrained_cache_path(config) -> Path:
+    """<cache_dir>/pretrained-<first 16 hex of pretrain_key>.npz"""
+    return Path(config.runner.cache_dir) / f"pretrained-{pretrain_key(config)[:16]}.npz"
+
+
+def pretrained_id(config, pretrained: str | None) -> str:
+    """What the experiment's pretrained model is: a file's SHA-256, or the cache key."""
+    return f"file:{C.file_sha256(pretrained)}" if pretrained else f"cache:{pretrain_key(config)}"
+
+
 def ensure_pretrained(config, pretrained: str | None, progress: bool):
-    """The pretrained checkpoint: the one given, the cached one, or a new one."""
+    """The pretrained checkpoint: the one given, the cached one, or a new one; a loaded one
+    is checked against the config first (check_pretrained)."""
     spec = task_spec(config)
     if pretrained:
-        ckpt = C.load_checkpoint(pretrained)
-        if ckpt.config.get("vocab_size") != spec.vocab_size:
-            raise ValueError(f"{pretrained}: pretrained vocab_size {ckpt.config.get('vocab_size')} "
-                             f"does not match the task's {spec.vocab_size}")
+        check_pretrained(C.load_checkpoint(pretrained), config, given=True)
         return Path(pretrained), {"path": str(pretrained), "cached": True}
-    key = pretrain_key(config)
-    path = Path(config.runner.cache_dir) / f"pretrained-{key[:16]}.npz"
+    path = pretrained_cache_path(config)
     if path.exists():
+        check_pretrained(C.load_checkpoint(path), config, given=False)
         log.info("using the cached pretrained model %s", path)
         return path, {"path": str(path), "cached": True}
     log.info("pretraining the source LM (cached afterwards at %s)", path)
@@ -251,33 +300,169 @@ def run_checkpoint_path(config, strategy: str, seed: int, sweep=None) -> Path:
     return path
 
 
-def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
-    """Run what the config asks for; write JSON and plot; print the table. Returns 0."""
+OUTPUT_KNOBS = {"output": "runner.output (--output)", "plot": "runner.plot",
+                "cache_dir": "runner.cache_dir"}
+
+
+def preflight(config) -> None:
+    """Fail before work: every path the experiment will write is checked now (exit 2,
+    naming the path and its knob), and temporary files that killed writers left behind
+    are removed (fileio.remove_stale_temporaries: only ours, only of dead processes)."""
+    r = config.runner
+    try:
+        check_writable(r.output, OUTPUT_KNOBS["output"])
+        check_writable(r.plot, OUTPUT_KNOBS["plot"])
+        check_writable(r.cache_dir, OUTPUT_KNOBS["cache_dir"], directory=True)
+    except OutputError as err:
+        raise ConfigError(str(err)) from None
+    cache = Path(r.cache_dir)
+    folders = {Path(r.output).parent, Path(r.plot).parent, cache, cache / "runs",
+               *(cache / "journal").glob("*")}
+    for folder in folders:
+        for path in remove_stale_temporaries(folder):
+            log.info("removed %s, left by a write that was killed", path)
+
+
+@dataclasses.dataclass
+class RunTask:
+    """One cell of the grid (strategy x seed x relatedness), in the serial order."""
+
+    index: int
+    config: object
+    strategy: str
+    seed: int
+    checkpoint: str
+    name: str  # its journal file
+    fingerprint: dict  # journal.run_config
+    resume: str | None = None
+
+
+_PRETRAINED: dict = {}  # per worker process: path -> the pretrained Checkpoint, read once
+
+
+def _run_task(task: RunTask, pretrained_path: str, source_val) -> dict:
+    """One run in a worker (any concurrent.futures executor): reads the pretrained model
+    itself (once per process) rather than receiving its arrays with every task."""
+    pretrained = _PRETRAINED.get(pretrained_path)
+    if pretrained is None:
+        pretrained = _PRETRAINED.setdefault(pretrained_path, C.load_checkpoint(pretrained_path))
+    return run_one(task.config, task.strategy, task.seed, pretrained, source_val, False,
+                   resume=task.resume, checkpoint=task.checkpoint, fingerprint=task.fingerprint)
+
+
+class _OneBlasThread:
+    """A process pool whose workers start with one BLAS/OpenMP thread each: the variables
+    are set in this process while the workers are spawned (they inherit them before NumPy
+    loads) and restored afterwards."""
+
+    VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+    def __init__(self, jobs: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.saved = {v: os.environ.get(v) for v in self.VARS}
+        os.environ.update({v: "1" for v in self.VARS})
+        self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def restore_env(self):
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    def stop(self, now: bool) -> None:
+        if now:  # interrupted: no worker may go on training (a SIGTERM reaches only us)
+            # no public way to stop the workers before Python 3.14 (terminate_workers)
+            workers = list((getattr(self.pool, "_processes", None) or {}).values())
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for process in workers:
+                process.terminate()
+            for process in workers:
+                process.join(timeout=10)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.restore_env()
+
+
+def run(config, pretrained=None, resume=None, sweep=None, progress=None, executor=None,
+        argv=None) -> int:
+    """Run what the config asks for; write JSON and plot; print the table. Returns 0.
+
+    resume: True continues the experiment this same config started (its journal,
+    journal.py); a path continues one run from that checkpoint (prints its entry).
+    executor: any concurrent.futures.Executor to run the independent runs on (a Dask
+    Client's get_executor(), ...); otherwise runner.jobs worker processes, or this process
+    when it is 1. Results equal the serial run's, in the serial order.
+    argv: the command line, kept in the journal (what `--resume` continues).
+    """
     progress = config.runner.progress if progress is None else progress
     t0 = time.perf_counter()
-    if resume:
+    preflight(config)
+    if resume and resume is not True:
         return _resume(config, resume, pretrained, progress)
+    points = sweep_points(config, sweep)
+    pre_id = pretrained_id(config, pretrained)
+    fingerprint = {"config": J.result_config(config), "sweep": sweep, "pretrained": pre_id}
+    journal = J.Journal(Path(config.runner.cache_dir) / "journal", config_hash(fingerprint))
+    if resume:
+        header = _journal_to_resume(journal, fingerprint)
+    else:
+        journal.start(fingerprint, argv)
+        header = {}
     path, pre_info = ensure_pretrained(config, pretrained, progress)
     pretrained = C.load_checkpoint(path)  # read once; every run starts from this copy
     spec = task_spec(config)
     source_val = make_source(spec).val
-    pre_info["source_lm_loss"] = source_lm_loss(C.model_from_checkpoint(pretrained), pretrained, source_val)
-    pre_info["optimal_lm_loss"] = source_reference(spec)["optimal_lm_loss"]
-    points = sweep_points(config, sweep)
-    entries = []
-    for _, cfg in points:
-        for seed in config.runner.seeds:
-            for strategy in config.runner.strategies:
-                # resumable with --resume if the run is interrupted; removed once it finishes
-                ckpt_path = run_checkpoint_path(cfg, strategy, seed, sweep)
-                try:
-                    entries.append(run_one(cfg, strategy, seed, pretrained, source_val, progress,
-                                           checkpoint=str(ckpt_path)))
-                except KeyboardInterrupt:
-                    if ckpt_path.exists():
-                        log.warning("interrupted: continue this run with --resume %s", ckpt_path)
-                    raise
-                ckpt_path.unlink(missing_ok=True)
+    if header.get("pretrained"):  # as the interrupted experiment first found it
+        pre_info = header["pretrained"]
+    else:
+        pre_info["source_lm_loss"] = source_lm_loss(C.model_from_checkpoint(pretrained), pretrained, source_val)
+        pre_info["optimal_lm_loss"] = source_reference(spec)["optimal_lm_loss"]
+        journal.write_header(fingerprint, argv, pre_info)
+
+    tasks = _grid(points, sweep, pre_id)
+    done = journal.finished() if resume else {}
+    overall = Overall(len(tasks), config.finetune.steps, progress)
+    entries, pending = {}, []
+    for task in tasks:
+        record = done.get(task.name)
+        if record is not None:
+            J.refuse(f"journal entry {journal.dir / task.name}",
+                     record["run_config"], task.fingerprint)
+            entries[task.index] = record["entry"]
+            overall.begin(task.name)
+            overall.finished(f"{task.strategy} (seed {task.seed})", record["entry"]["steps"], 0,
+                             "read back from the journal", trained=False)
+            continue
+        if resume and Path(task.checkpoint).is_file():
+            saved = C.load_checkpoint(task.checkpoint)
+            J.refuse(f"run checkpoint {task.checkpoint}", (saved.extra or {}).get("run_config", {}),
+                     task.fingerprint, "; delete it to redo that run from the start")
+            task.resume = task.checkpoint
+        pending.append(task)
+
+    def finished(task, entry):
+        journal.record(task.name, config_hash(task.fingerprint), entry, task.fingerprint)
+        entries[task.index] = entry
+        Path(task.checkpoint).unlink(missing_ok=True)  # the journal holds the run now
+
+    jobs = config.runner.jobs
+    try:
+        if executor is None and jobs == 1:
+            for task in pending:
+                finished(task, run_one(task.config, task.strategy, task.seed, pretrained, source_val,
+                                       progress, resume=task.resume, checkpoint=task.checkpoint,
+                                       overall=overall, fingerprint=task.fingerprint))
+        else:
+            _run_parallel(pending, str(path), source_val, executor, jobs, overall, finished)
+    except KeyboardInterrupt:
+        log.warning("interrupted: %d of %d runs finished, each kept in %s", len(entries), len(tasks),
+                    journal.dir, extra={"console": False})
+        raise
+    finally:
+        overall.close()
+    entries = [entries[task.index] for task in tasks]  # the serial order, however they ran
     kind = config.task.target
     summary = summarize(entries, kind)
     references = reference_entries(config, [v for v, _ in points] if sweep == "relatedness"
@@ -288,7 +473,7 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
     }
     if sweep == "lr":
         out["lr_choice"] = choose_rates(entries, kind)
-    write_json_atomic(config.runner.output, out)
+    write_json_atomic(config.runner.output, out, knob=OUTPUT_KNOBS["output"])
     print(table(summary, pre_info["source_lm_loss"], summarize_references(references, kind),
                 pre_info["optimal_lm_loss"]))
     try:
@@ -297,12 +482,75 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None) -> int:
         print(f"results: {config.runner.output}   plot: {config.runner.plot}")
     except ImportError:
         print(f"results: {config.runner.output}   (no plot: matplotlib is not installed)")
+    except OSError as err:
+        raise OutputError(f"{OUTPUT_KNOBS['plot']}: cannot write {config.runner.plot}: "
+                          f"{err.strerror or err}") from err
     if sweep == "lr":
         print("rates chosen on the validation split (paste into config.yaml):\nstrategies:\n  lr:")
         for strategy, lr in out["lr_choice"].items():
             print(f"    {strategy}: {lr:g}")
     log.info("done in %.1fs", time.perf_counter() - t0)
     return 0
+
+
+def _grid(points, sweep, pre_id: str) -> list[RunTask]:
+    """Every run of the experiment in the serial order: sweep point, seed, strategy."""
+    tasks = []
+    for _, cfg in points:
+        for seed in cfg.runner.seeds:
+            for strategy in cfg.runner.strategies:
+                index = len(tasks)  # makes the name unique whatever the sweep varies
+                tasks.append(RunTask(
+                    index, cfg, strategy, seed, str(run_checkpoint_path(cfg, strategy, seed, sweep)),
+                    J.Journal.run_name(index, strategy, seed, float(cfg.task.relatedness)),
+                    J.run_config(cfg, strategy, seed, pre_id)))
+    return tasks
+
+
+def _journal_to_resume(journal, fingerprint) -> dict:
+    """The header of the journal `--resume` continues; explain (exit 2) when there is none."""
+    if journal.exists():
+        header = journal.read_header()
+        log.info("resuming the experiment journaled in %s", journal.dir)
+        return header
+    root = journal.dir.parent
+    for other in J.candidates(root):  # the newest experiment: say what changed since
+        J.refuse(f"--resume: the last experiment journaled in {other['path']}",
+                 other["config"], fingerprint,
+                 "; run without --resume to start this one")
+    raise ConfigError(f"--resume: no experiment to continue in {root} (runner.cache_dir); "
+                      f"run the command without --resume to start it")
+
+
+def _run_parallel(pending, pretrained_path, source_val, executor, jobs, overall, finished) -> None:
+    """Run `pending` on `executor` (or a pool of `jobs` processes); journal each on return."""
+    from concurrent.futures import as_completed
+
+    own = None
+    if executor is None:
+        own = _OneBlasThread(jobs)
+        executor = own.pool
+    interrupted, futures = True, {}
+    try:
+        for task in pending:
+            futures[executor.submit(_run_task, task, pretrained_path, source_val)] = task
+        if own is not None:
+            own.restore_env()  # every worker has been started: this process keeps its own
+        for future in as_completed(futures):
+            task = futures[future]
+            entry = future.result()
+            overall.begin(task.name)
+            overall.advance(entry["steps"])
+            overall.finished(f"{task.strategy} (seed {task.seed})", entry["steps"], entry["steps"],
+                             entry["stopped"])
+            finished(task, entry)
+        interrupted = False
+    finally:
+        if own is not None:
+            own.stop(now=interrupted)
+        elif interrupted:  # the caller's executor: cancel what has not started
+            for future in futures:
+                future.cancel()
 
 
 def _resume(config, resume, pretrained, progress) -> int:
@@ -315,9 +563,14 @@ def _resume(config, resume, pretrained, progress) -> int:
     cfg = replace_in(config, "task.target", extra["task"])
     if "relatedness" in extra:  # a run from a relatedness sweep resumes on its own task
         cfg = replace_in(cfg, "task.relatedness", float(extra["relatedness"]))
+    pre_id = pretrained_id(config, pretrained)
+    fingerprint = J.run_config(cfg, extra["strategy"], extra["seed"], pre_id)
+    if "run_config" in extra:
+        J.refuse(f"run checkpoint {resume}", extra["run_config"], fingerprint)
     source_val = make_source(task_spec(cfg)).val
     entry = run_one(cfg, extra["strategy"], extra["seed"], path, source_val, progress,
-                    resume=resume, checkpoint=resume)
-    write_json_atomic(config.runner.output, {"config": cfg.to_dict(), "results": [entry]})
+                    resume=resume, checkpoint=resume, fingerprint=fingerprint)
+    write_json_atomic(config.runner.output, {"config": cfg.to_dict(), "results": [entry]},
+                      knob=OUTPUT_KNOBS["output"])
     print(table(summarize([entry], entry["task"]), None))
     return 0

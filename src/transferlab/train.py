@@ -248,7 +248,9 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
     config.finetune, or TrainingConfig(steps=..., ...) built by hand).
 
     Keeps the best parameters by the validation metric and restores them at the end.
-    progress: an object with update(step, loss, lr) (see report.Progress) or None.
+    progress: an object with update(step, loss, lr) (see report.Progress) or None; when it
+        also has evaluated(step, loss, lr, metric, value) and note(text, step) they hear of
+        each evaluation, an early stop and a resume.
     checkpoint: write a resumable checkpoint there at every evaluation (atomically).
     resume: continue from such a checkpoint; the numbers equal a run that never stopped.
     """
@@ -260,6 +262,7 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
     schedule = make_plan_schedule(plan, s, kind)
     result = Result()
     best_params, bad_evals, start = None, 0, 0
+    written = 0  # the step of the last checkpoint this run has on disk (0: none)
 
     def fisher_batches():  # for the sparse mask: its own batch order, not the training one
         fisher_order = BatchOrder(len(data.train), s.batch_size, seed + 7919)
@@ -285,6 +288,9 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
         best = {n[len("best/"):]: a for n, a in saved.extra_arrays.items() if n.startswith("best/")}
         best_params = best or None
         result.steps_run = start
+        written = start if checkpoint == resume else 0  # the resumed file is the one kept
+        if progress is not None and hasattr(progress, "note"):
+            progress.note(f"resumed at step {start} from {resume}", step=start)
         if s.patience and bad_evals >= s.patience:  # the run had already stopped early
             result.stopped = f"early stop at step {start}: no better {metric} in {s.patience} evaluations"
             start = s.steps  # nothing left to train
@@ -313,7 +319,12 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
         else:
             _, loss = model(batch.x, batch.y, attention_mask=batch.mask)
         if not math.isfinite(loss):
-            kept = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint else ""
+            if written:  # name a checkpoint only if this run really has one on disk
+                kept = f"; the last good checkpoint (step {written}) is kept at {checkpoint}"
+            elif checkpoint:
+                kept = f"; no checkpoint was written (the first is saved at step {s.eval_every})"
+            else:
+                kept = ""
             raise TrainingError(f"loss became {loss} at step {step} (lr {opt.lr:.3g}){kept}")
         grads = model.backward()
         if plan.aux_lm_weight:  # GPT-1: L = L_task + lambda * L_LM on the same batch
@@ -338,6 +349,8 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
             bad_evals += 1
         if hasattr(schedule, "step"):  # reduce-on-plateau watches the validation metric
             schedule.step(val[metric])
+        if progress is not None and hasattr(progress, "evaluated"):
+            progress.evaluated(step + 1, loss, opt.lr, metric, val[metric])
         if checkpoint:
             ckpt.save_checkpoint(
                 checkpoint, model, opt, schedule, step=step + 1,
@@ -346,8 +359,11 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
                     "order": order.state(), "bad_evals": bad_evals, "history": result.history,
                     "best": result.best, "best_step": result.best_step,
                     "trainable_by_phase": result.trainable_by_phase}})
+            written = step + 1
         if s.patience and bad_evals >= s.patience:
             result.stopped = f"early stop at step {step + 1}: no better {metric} in {s.patience} evaluations"
+            if progress is not None and hasattr(progress, "note"):
+                progress.note(result.stopped, step=step + 1)
             break
 
     if best_params is not None:  # end on the best parameters by the validation metric
