@@ -47,7 +47,8 @@ def tiny_config(cache_dir) -> str:
           n_target_val: 16
           n_target_test: 32
         pretrain: {{steps: 10, eval_every: 5, batch_size: 8, warmup_steps: 2}}
-        finetune: {{steps: {FINETUNE_STEPS}, eval_every: 3, batch_size: 8, warmup_steps: 1}}
+        finetune: {{steps: {FINETUNE_STEPS}, eval_every: 3, batch_size: 8, warmup_steps: 1,
+                   pooling: mean, attention: bidirectional}}
         strategies:
           sparse_mask: {{fisher_batches: 1}}
           freeze_then_unfreeze: {{unfreeze_at_iteration: 4}}
