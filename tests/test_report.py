@@ -114,3 +114,21 @@ def test_on_a_terminal_an_overall_bar_above_the_run_bar():
     assert "bitfit (seed 1) 4/4" in text and "loss 0.2500 lr 2.00e-03" in text and "it/s" in text
     # a line of its own: the bars are cleared (\r, blanks, cursor up) before it, redrawn after
     assert "\x1b[Arun 1/3 bitfit (seed 1): resumed at step 2 from x.npz\n" in text
+
+
+def test_paired_gain_pairs_by_seed_whatever_rate_each_strategy_used():
+    """Strategies run at their own rates (strategies.lr): the gain over scratch still pairs
+    seed with seed. Only in an lr sweep does the rate split the rows and the pairs."""
+    def e(strategy, seed, acc, lr):
+        return {"strategy": strategy, "seed": seed, "relatedness": 1.0, "lr": lr, "task": "topic",
+                "target": {"accuracy": acc}, "source": {"lm_loss": 2.0}, "trainable_params": 1,
+                "total_params": 1, "seconds": 0.1, "history": []}
+    entries = [e("scratch", 0, 0.30, 3e-3), e("scratch", 1, 0.40, 3e-3),
+               e("bitfit", 0, 0.90, 1e-4), e("bitfit", 1, 0.95, 1e-4)]
+    (scratch, bitfit) = summarize(entries, "topic")
+    assert bitfit["vs_scratch"]["per_seed"] == pytest.approx([0.60, 0.55])
+    assert bitfit["lr"] == 1e-4 and "vs_scratch" not in scratch
+    swept = summarize(entries + [e("bitfit", 0, 0.5, 3e-3), e("bitfit", 1, 0.6, 3e-3)], "topic", sweep="lr")
+    at_3e3 = [r for r in swept if r["strategy"] == "bitfit" and r["lr"] == 3e-3][0]
+    assert at_3e3["vs_scratch"]["per_seed"] == pytest.approx([0.2, 0.2])  # against scratch at 3e-3
+    assert not any("vs_scratch" in r for r in swept if r["strategy"] == "bitfit" and r["lr"] == 1e-4)

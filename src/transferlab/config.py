@@ -231,11 +231,14 @@ class AuxLMConfig:
     weight: float = knob(0.5, "lambda in L = L_task + lambda * L_LM (GPT-1 used 0.5)", gt=0)
 
 
-# Each strategy's own fine-tuning rate, one knob per registered strategy (0 = finetune.lr).
-# `python src/main.py --sweep lr` measures them on the validation split (docs/results.md).
+# Each strategy's own fine-tuning rate, one knob per registered strategy (0 = finetune.lr),
+# as `python src/main.py --strategy all --seeds 0 1 2 --sweep lr` chose them on the
+# validation split (docs/results.md#learning-rates); config.yaml ships the same values.
+SWEPT_LR = {"scratch": 0.003, "feature_extractor": 0.001, "head_finetune": 0.0003, "full_finetune": 0.0001, "gradual_unfreeze": 0.001, "discriminative_lr": 0.001, "freeze_then_unfreeze": 0.0003, "bitfit": 0.0001, "sparse_mask": 0.0003, "lora": 0.0003, "ulmfit": 0.0001, "aux_lm": 0.0003}
 LearningRatesConfig = dataclasses.make_dataclass(
     "LearningRatesConfig",
-    [(name, float, knob(0.0, f"{name}'s fine-tuning rate; 0 = finetune.lr", ge=0)) for name in STRATEGIES],
+    [(name, float, knob(SWEPT_LR.get(name, 0.0), f"{name}'s fine-tuning rate; 0 = finetune.lr", ge=0))
+     for name in STRATEGIES],
     frozen=True, namespace={"__doc__": "Each strategy's own fine-tuning rate (0 = finetune.lr).",
                             "__module__": __name__})
 

@@ -190,18 +190,20 @@ class Progress:
 # ---------------------------------------------------------------------- summary, table, plot
 
 
-def summarize(entries: list[dict], kind: str) -> list[dict]:
-    """Mean and std over seeds per strategy (and relatedness, and learning rate in an lr
+def summarize(entries: list[dict], kind: str, sweep=None) -> list[dict]:
+    """Mean and std over seeds per strategy (and relatedness; and learning rate in an lr
     sweep), and the per-seed paired difference against `scratch` at the same relatedness
-    and seed (when scratch ran)."""
+    (and sweep rate) and seed, when scratch ran. Outside an lr sweep each strategy runs at
+    its own rate, so the rate is not part of the pairing."""
     metric = task_kind(kind).metric
+    point = (lambda e: e.get("lr")) if sweep == "lr" else (lambda e: None)
     rows, order = {}, []
     for e in entries:
-        key = (e["strategy"], e["relatedness"], e.get("lr"))
+        key = (e["strategy"], e["relatedness"], point(e))
         if key not in rows:
             rows[key], _ = [], order.append(key)
         rows[key].append(e)
-    scratch = {(e["relatedness"], e.get("lr"), e["seed"]): e["target"][metric]
+    scratch = {(e["relatedness"], point(e), e["seed"]): e["target"][metric]
                for e in entries if e["strategy"] == "scratch"}
     out = []
     for strategy, relatedness, lr in order:
@@ -209,7 +211,8 @@ def summarize(entries: list[dict], kind: str) -> list[dict]:
         values = np.array([e["target"][metric] for e in group])
         source = np.array([e["source"]["lm_loss"] for e in group])
         row = {
-            "strategy": strategy, "relatedness": relatedness, "lr": lr, "metric": metric, "n_seeds": len(group),
+            "strategy": strategy, "relatedness": relatedness, "lr": lr if sweep == "lr" else group[0].get("lr"),
+            "metric": metric, "n_seeds": len(group),
             "mean": float(values.mean()), "std": float(values.std()),
             "source_lm_loss_mean": float(source.mean()), "source_lm_loss_std": float(source.std()),
             "trainable_params": group[0]["trainable_params"], "total_params": group[0]["total_params"],

@@ -464,7 +464,7 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None, executo
         overall.close()
     entries = [entries[task.index] for task in tasks]  # the serial order, however they ran
     kind = config.task.target
-    summary = summarize(entries, kind)
+    summary = summarize(entries, kind, sweep)
     references = reference_entries(config, [v for v, _ in points] if sweep == "relatedness"
                                    else [config.task.relatedness])
     out = {
