@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .tasks import SourceData, Split, TargetData
+from .tokenizer import encode_around_eot
 from .train import metrics
 
 SPLITS = ("train", "val", "test")
@@ -417,18 +418,14 @@ class ByteVocab:
     vocab_size = 259
 
     def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise ValueError(f"encode: expected a str, got {type(text).__name__}")
-        ids = []
-        for k, piece in enumerate(text.split(EOT)):
-            if k > 0:
-                ids.append(self.eot_id)
+        def utf8(piece):
             try:
-                ids.extend(piece.encode("utf-8"))
+                return list(piece.encode("utf-8"))
             except UnicodeEncodeError as e:
                 raise ValueError(f"encode: the text holds a lone surrogate U+{ord(piece[e.start]):04X}, "
                                  "which has no UTF-8 bytes") from None
-        return ids
+
+        return encode_around_eot(text, self.eot_id, utf8)
 
     def decode(self, ids) -> str:
         """Bytes back to text; EOT becomes `<|endoftext|>`, PAD and CLS are dropped (they

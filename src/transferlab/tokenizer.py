@@ -102,6 +102,20 @@ def bpe(symbols, ranks: dict[tuple[str, str], int]) -> list[str]:
     return word
 
 
+def encode_around_eot(text: str, eot_id: int, encode_piece) -> list[int]:
+    """Cut `text` at each `<|endoftext|>`, encode every piece with encode_piece(piece) ->
+    ids, and put eot_id between them: the special token never merges with its neighbours.
+    Shared by GPT2Tokenizer and data.ByteVocab."""
+    if not isinstance(text, str):
+        raise ValueError(f"encode: expected a str, got {type(text).__name__}")
+    ids = []
+    for k, piece in enumerate(text.split(EOT)):
+        if k > 0:
+            ids.append(eot_id)
+        ids.extend(encode_piece(piece))
+    return ids
+
+
 class GPT2Tokenizer:
     """GPT-2's byte-level BPE: `encode(text) -> ids`, `decode(ids) -> text`.
 
@@ -167,15 +181,8 @@ class GPT2Tokenizer:
         The special token is cut out before pre-tokenisation, so it never merges with its
         neighbours, and the text on either side is encoded as if it stood alone.
         """
-        if not isinstance(text, str):
-            raise ValueError(f"encode: expected a str, got {type(text).__name__}")
-        ids = []
-        for k, piece in enumerate(text.split(EOT)):
-            if k > 0:
-                ids.append(self.eot_id)
-            for word in pretokenize(piece):
-                ids.extend(self._encode_word(word))
-        return ids
+        return encode_around_eot(text, self.eot_id,
+                                 lambda piece: [i for word in pretokenize(piece) for i in self._encode_word(word)])
 
     def _encode_word(self, word: str) -> list[int]:
         """Ids of one pre-tokenised word: its UTF-8 bytes as characters, then BPE.
