@@ -11,7 +11,7 @@ See docs/probes.md.
     layer_features(model, split)          -> (L+1, N, C) mean-pooled over real tokens
     linear_probe(features, labels, train, test, l2) -> {"train_accuracy", "test_accuracy", ...}
     main()   regenerates docs/probes.md's table and figures from config.yaml:
-             python -c "from transferlab.probes import main; main()"
+             PYTHONPATH=src python -m transferlab.probes      (from the repository root)
 """
 from __future__ import annotations
 
@@ -311,7 +311,7 @@ def main(config_path=None, seeds=(0, 1, 2)) -> dict:
     maps = plot_attention(figures / "attention_finetuned.png", models["pretrained"], models["full_finetune"], idx)
     # how far each block's attention rows moved: total variation distance, mean over heads and rows
     result["attention_tv_per_block"] = (np.abs(maps[1] - maps[0]).sum(-1) / 2).mean(axis=(1, 2)).round(4).tolist()
-    note = (f"Made by `python -c \"from transferlab.probes import main; main()\"` from `{config_path.name}` "
+    note = (f"Made by `PYTHONPATH=src python -m transferlab.probes` (repository root) from `{config_path.name}` "
             f"(config hash {used['config_hash']}: {c['model']['n_layer']} blocks, C = {c['model']['n_embd']}, "
             f"{c['pretrain']['steps']} pretraining steps, {c['finetune']['steps']} fine-tuning steps); "
             f"seeds {', '.join(map(str, seeds))}; probes trained on {result['n_probe_train']} and tested on "

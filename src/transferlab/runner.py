@@ -137,7 +137,8 @@ def lm_stage(config, plan, spec, target, pretrained, seed):
     Returns the fine-tuned LM (the runner then switches its head)."""
     model = C.model_from_checkpoint(pretrained, seed=seed)
     data = Data("lm", lm_split(target.train.x, spec.pad_id), lm_split(target.val.x, spec.pad_id))
-    s = dataclasses.replace(config.finetune, steps=plan.lm_stage_steps, patience=0,
+    # the strategy's own rate (strategies.lr.<name>) for both stages: what --sweep lr measured
+    s = dataclasses.replace(finetune_for(config, plan.name), steps=plan.lm_stage_steps, patience=0,
                             eval_every=min(config.finetune.eval_every, plan.lm_stage_steps))
     lm_plan = S.Plan("ulmfit_lm", pretrained=True, phases=(S.Phase(0, "all"),))
     train(model, data, lm_plan, s, seed=seed)
