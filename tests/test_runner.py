@@ -175,7 +175,7 @@ def test_run_checkpoint_path_names_the_run(pre):
     path = R.run_checkpoint_path(config, "bitfit", 2)
     assert path.name == "bitfit-topic-seed2.npz" and path.parent.name == "runs"
     swept = replace_in(config, "task.relatedness", 0.25)
-    assert R.run_checkpoint_path(swept, "bitfit", 2, sweep=True).name == "bitfit-topic-rel0.25-seed2.npz"
+    assert R.run_checkpoint_path(swept, "bitfit", 2, sweep="relatedness").name == "bitfit-topic-rel0.25-seed2.npz"
 
 
 @pytest.mark.parametrize("strategy", ["full_finetune", "sparse_mask", "gradual_unfreeze"])
@@ -209,7 +209,7 @@ def test_a_sweep_run_resumes_at_its_own_relatedness(pre, tmp_path, monkeypatch):
         _interrupt_after_first_evaluation(m)
         with pytest.raises(KeyboardInterrupt):
             R.run(config, sweep="relatedness")
-    saved = R.run_checkpoint_path(replace_in(config, "task.relatedness", 0.0), "bitfit", 0, sweep=True)
+    saved = R.run_checkpoint_path(replace_in(config, "task.relatedness", 0.0), "bitfit", 0, sweep="relatedness")
     # resumed under the default config (relatedness 1): the checkpoint says 0
     assert R.run(replace_in(config, "runner.output", str(tmp_path / "resumed.json")), resume=str(saved)) == 0
     (resumed,) = json.loads((tmp_path / "resumed.json").read_text())["results"]

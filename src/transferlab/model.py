@@ -172,7 +172,7 @@ class BlockCache(NamedTuple):
     lora: frozenset  # the modules that ran with a LoRA detour (their caches are LoRA caches)
 
 
-def linear(K, x, w, module, lora_scale=0.0, lora_dropout=0.0, rng=None):
+def block_linear_forward(K, x, w, module, lora_scale=0.0, lora_dropout=0.0, rng=None):
     """x @ W + b for one of the block's linear modules ("attn.c_attn", ...): the kernel
     table's linear, or lora.lora_linear_forward when the block holds adapters for it."""
     if module + ".lora_A" in w:
@@ -181,9 +181,9 @@ def linear(K, x, w, module, lora_scale=0.0, lora_dropout=0.0, rng=None):
     return K.linear_forward(x, w[module + ".weight"], w[module + ".bias"])
 
 
-def linear_backward(K, dout, cache, module, grads, need_dw, lora):
-    """The backward of `linear`: the gradient at its input; its parameters' gradients go
-    into grads (for a LoRA module only lora_A and lora_B: the base weight is frozen)."""
+def block_linear_backward(K, dout, cache, module, grads, need_dw, lora):
+    """The backward of `block_linear_forward`: the gradient at its input; its parameters'
+    gradients go into grads (for a LoRA module only lora_A and lora_B: the base weight is frozen)."""
     if module in lora:
         dx, grads[module + ".lora_A"], grads[module + ".lora_B"] = lora_linear_backward(dout, cache)
         return dx
@@ -197,12 +197,13 @@ def block_forward(x, w, n_head, allowed=None, pdrop=0.0, rng=None, kernels=FAST,
     """One pre-LayerNorm block: x + drop(attn(ln_1(x))), then + drop(mlp(ln_2(x))).
 
     x (B, T, C); w: the block's parameters by their names inside the block ("ln_1.weight",
-    "attn.c_attn.weight", ..., and "<module>.lora_A/B" for LoRA adapters, see `linear`);
+    "attn.c_attn.weight", ..., and "<module>.lora_A/B" for LoRA adapters, see
+    `block_linear_forward`);
     allowed: the attention mask from layers.attention_mask. rng=None runs in inference
     mode (no dropout). Returns (x (B, T, C), BlockCache).
     """
     K = kernels
-    lin = lambda x, module: linear(K, x, w, module, lora_scale, lora_dropout, rng)  # noqa: E731
+    lin = lambda x, module: block_linear_forward(K, x, w, module, lora_scale, lora_dropout, rng)  # noqa: E731
     ln1, c_ln1 = K.layernorm_forward(x, w["ln_1.weight"], w["ln_1.bias"])  # (B, T, C)
     qkv, c_qkv = lin(ln1, "attn.c_attn")  # (B, T, 3C)
     atty, c_att = K.attention_forward(qkv, n_head, allowed, pdrop, rng)  # (B, T, C)
@@ -227,7 +228,7 @@ def block_backward(dx, cache, need_dw=lambda name: True):
     need_dw(name) is False gets None (its product is never computed).
     """
     c, K, grads = cache, cache.kernels, {}
-    lin_back = lambda d, cache, module: linear_backward(K, d, cache, module, grads, need_dw, c.lora)  # noqa: E731
+    lin_back = lambda d, cache, module: block_linear_backward(K, d, cache, module, grads, need_dw, c.lora)  # noqa: E731
     # in the forward pass this was: x = x + fcproj. The residual forks, so dx flows
     # unchanged to the block input and also into the MLP branch; gradients add up below
     (dfcproj,) = K.dropout_backward(dx, c.drop2)  # (B, T, C)

@@ -7,7 +7,7 @@ runner.py runs the experiment and hands its results entries here:
     bar = Progress("full_finetune (seed 0)", total=300, overall=overall)  # train() calls it
     summary = summarize(entries, kind)    # mean +- std over seeds per strategy (and relatedness)
     print(table(summary, pretrained_loss))
-    plot("results.png", entries, summary, kind, sweep=False)
+    plot("results.png", entries, summary, kind, sweep=None)
 
 The results JSON is written by fileio.write_json_atomic, the plot through
 fileio.atomic_open. See docs/results.md.
@@ -285,16 +285,16 @@ def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep,
          references: list[dict] | None = None, pretrained_loss: float | None = None,
          optimal_lm_loss: float | None = None) -> None:
     """Three panels that do not exaggerate: the test metric with the references as lines
-    (or against relatedness in a sweep), the paired gain over scratch with its seed spread,
-    and forgetting (source LM loss, with the pretrained model's and the optimum as lines)."""
+    (or against the swept knob: `sweep` is "relatedness", "lr" or None), the paired gain
+    over scratch with its seed spread, and forgetting (source LM loss, with the pretrained
+    model's and the optimum as lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = task_kind(kind).metric
-    knob = {True: "relatedness", False: None}.get(sweep, sweep)  # the swept knob, or None
-    sweep = knob is not None
+    knob, sweep = sweep, sweep is not None  # the swept knob ("relatedness", "lr") or None
     refs = summarize_references(references or [], kind)
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.8))
     strategies = list(dict.fromkeys(e["strategy"] for e in entries))

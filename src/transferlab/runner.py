@@ -295,7 +295,7 @@ def run_checkpoint_path(config, strategy: str, seed: int, sweep=None) -> Path:
     """Where run() keeps the resumable checkpoint of one fine-tuning run while it trains:
     <cache_dir>/runs/<strategy>-<task>-seed<k>.npz (with -rel<r> or -lr<rate> in a sweep)."""
     rel = {"relatedness": f"-rel{config.task.relatedness:g}",
-           "lr": f"-lr{config.finetune.lr:g}"}.get({True: "relatedness"}.get(sweep, sweep), "")
+           "lr": f"-lr{config.finetune.lr:g}"}.get(sweep, "")
     path = Path(config.runner.cache_dir) / "runs" / f"{strategy}-{config.task.target}{rel}-seed{seed}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
