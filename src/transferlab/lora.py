@@ -12,25 +12,13 @@ Adapters are named after the module they adapt, `h.{i}.attn.c_attn.lora_A` (IN, 
 our update s * A @ B is PEFT's s * lora_B.weight @ lora_A.weight transposed
 (`to_peft` / `from_peft` convert names and layouts). Docs: docs/lora.md.
 
-For the owner of model.py, how a block uses it. Where the block now calls
-
-    qkv, c_qkv = linear_forward(ln1, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_attn.bias"])
-
-a target module with adapters present calls instead
-
-    qkv, c_qkv = lora_linear_forward(ln1, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_attn.bias"],
-                                     p[pre + "attn.c_attn.lora_A"], p[pre + "attn.c_attn.lora_B"],
-                                     scale, p=lora_dropout, rng=rng)          # (B, T, 3C)
-
-and `_block_backward` calls, in place of that module's linear_backward,
-
-    dln1, grads[pre + "attn.c_attn.lora_A"], grads[pre + "attn.c_attn.lora_B"] = \\
-        lora_linear_backward(dqkv, c_qkv, need_dx=...)
-
-leaving the frozen `.weight` / `.bias` gradients at zero (mask them frozen, e.g.
-masks.freeze(model, "h.*.weight", ...), so the optimizer never moves them). `rng` is
-None in evaluation mode, exactly as for the model's other dropouts. For inference,
-`merge` folds s * A @ B into W once and the plain linear_forward runs at zero extra cost.
+In the model: `lora.attach(model, r, alpha, dropout, targets)` adds the adapters to
+model.params and sets GPTConfig.lora_r / lora_alpha / lora_dropout; the block's four
+linear modules go through model.block_linear_forward / block_linear_backward, which call
+lora_linear_forward / lora_linear_backward for a module that has adapters (its frozen
+weight and bias get no gradient). The `lora` strategy (strategies.py) attaches them and
+masks everything but the adapters and the head (masks.adapters_only). For inference,
+`merge` folds s * A @ B into W once and the plain linear runs at zero extra cost.
 """
 from __future__ import annotations
 
