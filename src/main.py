@@ -2,6 +2,7 @@
 
     python src/main.py --strategy full_finetune bitfit --seeds 0 1 2
     python src/main.py --strategy full_finetune bitfit --seeds 0 1 2 --resume   # after Ctrl-C
+    python src/main.py --strategy all --data reviews.jsonl --source corpus/      # your own text
     python src/main.py generate --model gpt2/ --prompt "Hello" --temperature 0
     python src/main.py --help
 
@@ -41,6 +42,10 @@ examples:
   python src/main.py --strategy all --seeds 0 1 2 --jobs 2
   python src/main.py --strategy all --seeds 0 1 2 --resume
       (after Ctrl-C or a kill: the same command plus --resume; finished runs are not redone)
+  python src/main.py --strategy all --seeds 0 1 2 --data reviews.jsonl --source corpus/
+      (your own text: a labelled JSONL and raw text to pretrain on, docs/own_data.md)
+  python src/main.py --strategy all --data reviews.jsonl --source corpus/ --model gpt2/
+      (GPT-2's tokenizer and weights as the backbone; nothing is pretrained)
   python src/main.py --strategy full_finetune --pretrained cache/pretrained-*.npz
       (the model a default run pretrained and cached; the shell fills in its key)
   python src/main.py generate --model gpt2/ --prompt "Hello" --temperature 0
@@ -109,7 +114,8 @@ def _override(text):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="main.py",
-        description="Pretrain a small GPT-2 on a synthetic source task once, then compare "
+        description="Pretrain a small GPT-2 on a synthetic source task (or your own text, "
+                    "--data/--source; or take GPT-2 from --model) once, then compare "
                     "transfer strategies on a small target task and write the results as "
                     "JSON.",
         epilog=EXAMPLES,
@@ -133,6 +139,20 @@ def build_parser():
     parser.add_argument(
         "--seeds", nargs="+", metavar="N", type=_seed,
         help="one fine-tuning run per seed (default: runner.seeds). Example: --seeds 0 1 2")
+    parser.add_argument(
+        "--data", metavar="PATH",
+        help="your labelled examples instead of the synthetic tasks: a JSONL file, one "
+             '{"text": ..., "label": ...} per line, optional "split" (sets data.labelled; '
+             "docs/own_data.md). Example: --data reviews.jsonl")
+    parser.add_argument(
+        "--source", metavar="PATH",
+        help="raw text for --data: a .txt file or a folder of them, to pretrain on and to "
+             "measure forgetting on (sets data.source). Example: --source corpus/")
+    parser.add_argument(
+        "--model", metavar="DIR",
+        help="a Hugging Face GPT-2 folder for --data: its tokenizer and weights are the "
+             "backbone and nothing is pretrained (sets data.model; docs/gpt2.md). "
+             "Example: --model gpt2/")
     parser.add_argument(
         "--pretrained", metavar="PATH", type=_existing_file,
         help="use this pretrained checkpoint instead of pretraining (or the cache). "
@@ -179,6 +199,9 @@ def config_from_args(args):
         overrides.append(("runner.jobs", args.jobs))
     if args.no_progress:
         overrides.append(("runner.progress", False))
+    for flag, key in (("data", "data.labelled"), ("source", "data.source"), ("model", "data.model")):
+        if getattr(args, flag) is not None:
+            overrides.append((key, getattr(args, flag)))
     return load_config(args.config, overrides=overrides)
 
 

@@ -311,7 +311,7 @@ def test_the_nan_message_names_a_checkpoint_only_if_one_exists(pre, tmp_path, na
     from transferlab.tasks import make_target
     spec = R.task_spec(config)
     target = make_target("topic", spec, seed=0)
-    model = R.target_model(config, "topic", target.n_classes, spec, path, 0)
+    model = R.target_model(config, R.experiment_data(config), target.n_classes, path, 0)
     data = T.Data("topic", target.train, target.val, target.test)
     plan = S.build_plan("full_finetune", config.finetune.steps, config.model.n_layer, config.strategies)
     checkpoint = tmp_path / "run.npz"

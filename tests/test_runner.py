@@ -133,8 +133,8 @@ def test_source_loss_sees_a_changed_backbone_but_keeps_the_pretrained_output_lay
     changed.params["h.0.mlp.c_proj.weight"] *= 3.0
     assert abs(R.source_lm_loss(changed, path, source_val) - base) > 1e-4
     # a classifier model (new head, CLS row added) is measured with the pretrained wte
-    model = R.target_model(replace_in(config, "finetune.pooling", "cls"), "topic", 2,
-                           R.task_spec(config), path, seed=0)
+    cls_config = replace_in(config, "finetune.pooling", "cls")
+    model = R.target_model(cls_config, R.experiment_data(cls_config), 2, path, seed=0)
     assert model.params["wte.weight"].shape[0] == R.task_spec(config).vocab_size + 1
     assert R.source_lm_loss(model, path, source_val) == pytest.approx(base, abs=1e-9)
 

@@ -114,6 +114,25 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Your own text instead of the synthetic tasks (data.py, docs/own_data.md)."""
+    labelled: str = knob("", "labelled JSONL file (--data); empty = the synthetic tasks")
+    source: str = knob("", "raw text to pretrain on and to measure forgetting on: a .txt file "
+                           "or a folder of them (--source)")
+    model: str = knob("", "a Hugging Face GPT-2 folder (--model): its tokenizer and weights are "
+                          "the backbone, nothing is pretrained")
+    max_len: int = knob(64, "tokens per labelled example (longer ones are cut) and per source "
+                            "window", ge=2)
+    truncate: str = knob("right", "which end of a long example is cut: right keeps its start, "
+                                  "left keeps its end", choices=("right", "left"))
+    fractions: tuple[float, ...] = knob((0.7, 0.1, 0.2), "train, val, test shares of the seeded "
+                                        "stratified split (files without a split field)", gt=0)
+    source_val_fraction: float = knob(0.1, "share of the source windows held out (never "
+                                           "pretrained on; the forgetting measure)", gt=0, lt=1)
+    source_val_max: int = knob(200, "at most this many held-out source windows", ge=1)
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """The knobs of one training run (train.train reads them), declared once.
 
@@ -293,6 +312,7 @@ class Config:
     seed: int = knob(0, "master seed (RANDOM_SEED overrides)", ge=0)
     model: ModelConfig = section(ModelConfig)
     task: TaskConfig = section(TaskConfig)
+    data: DataConfig = section(DataConfig)
     pretrain: PretrainConfig = section(PretrainConfig)
     finetune: FinetuneConfig = section(FinetuneConfig)
     strategies: StrategiesConfig = section(StrategiesConfig)
@@ -314,6 +334,16 @@ CROSS_CHECKS = (
      lambda c: f"<= model.block_size ({c.model.block_size})"),
     ("task.min_len", "task.seq_len", lambda c: c.task.min_len <= c.task.seq_len - 1,
      lambda c: f"<= task.seq_len - 1 ({c.task.seq_len - 1}: one slot stays free for a CLS token)"),
+    ("data.source", "data.labelled", lambda c: c.data.source or not c.data.labelled,
+     lambda c: "a text file or folder (--source) with data.labelled: the text to pretrain on "
+               "and to measure forgetting on"),
+    ("data.labelled", "data.model", lambda c: c.data.labelled or not (c.data.model or c.data.source),
+     lambda c: "a labelled JSONL file (--data) with data.source or data.model"),
+    ("data.max_len", "model.block_size", lambda c: not c.data.labelled or c.data.model or c.data.max_len <= c.model.block_size,
+     lambda c: f"<= model.block_size ({c.model.block_size})"),
+    ("data.fractions", "data.fractions",
+     lambda c: len(c.data.fractions) == 3 and abs(sum(c.data.fractions) - 1) < 1e-9,
+     lambda c: "three numbers (train, val, test) that sum to 1"),
 )
 
 

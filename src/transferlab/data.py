@@ -549,11 +549,13 @@ class FileSource(SourceData):
     val_windows: np.ndarray | None = None  # (N_val,) which windows (in text order) are held out
 
 
-def source_splits(text: str, vocab, seq_len: int, val_fraction: float = 0.1, seed: int = 0) -> FileSource:
+def source_splits(text: str, vocab, seq_len: int, val_fraction: float = 0.1, seed: int = 0,
+                  max_val: int | None = None) -> FileSource:
     """Cut the tokenized text into non-overlapping windows of seq_len tokens (the tail that
-    fills no window is dropped) and hold out round(val_fraction * windows), at least one,
-    chosen by `seed`. The held-out windows measure forgetting: the source LM loss of an
-    adapted backbone on text it never trained on. train, val: (N, seq_len) int64."""
+    fills no window is dropped) and hold out round(val_fraction * windows), at least one and
+    at most `max_val` (None: no limit), chosen by `seed`. The held-out windows measure
+    forgetting: the source LM loss of an adapted backbone on text it never trained on.
+    train, val: (N, seq_len) int64."""
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     if not 0 < val_fraction < 1:
@@ -564,7 +566,7 @@ def source_splits(text: str, vocab, seq_len: int, val_fraction: float = 0.1, see
         raise ValueError(f"the source text is {len(tokens)} tokens: {n_windows} window(s) of {seq_len}; "
                          "pretraining needs at least 2 (one to train on, one held out)")
     windows = tokens[: n_windows * seq_len].reshape(n_windows, seq_len)  # (W, seq_len)
-    n_val = min(max(1, round(val_fraction * n_windows)), n_windows - 1)
+    n_val = min(max(1, round(val_fraction * n_windows)), n_windows - 1, max_val or n_windows)
     val_windows = np.sort(np.random.default_rng(seed).permutation(n_windows)[:n_val])
     is_val = np.zeros(n_windows, dtype=bool)
     is_val[val_windows] = True

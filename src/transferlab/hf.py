@@ -23,11 +23,11 @@ import re
 
 import numpy as np
 
-from .checkpoint import atomic_open
+from .checkpoint import Checkpoint, atomic_open
 from .model import GPT, GPTConfig
 
 __all__ = ["HFFolderError", "config_from_hf", "hf_shapes", "hf_config", "hf_state_dict",
-           "load_hf_folder", "save_hf_folder"]
+           "load_hf_folder", "load_hf_checkpoint", "save_hf_folder", "weights_path"]
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,8 @@ def _read_config(folder: str) -> dict:
         raise HFFolderError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
-def _weights_path(folder: str) -> str:
+def weights_path(folder: str) -> str:
+    """The folder's model.safetensors; HFFolderError explains a pickle or sharded folder."""
     path = os.path.join(folder, WEIGHTS_FILE)
     if os.path.isfile(path):
         return path
@@ -283,10 +284,20 @@ def load_hf_folder(path, dtype: str = "float32", dropout: float | None = None) -
                             f"{CONFIG_FILE} and {WEIGHTS_FILE})")
     config_path = os.path.join(folder, CONFIG_FILE)
     config = config_from_hf(_read_config(folder), source=config_path, dtype=dtype, dropout=dropout)
-    state = _read_weights(_weights_path(folder), config)
+    state = _read_weights(weights_path(folder), config)
     model = GPT(config, seed=0)
     model.load_state_dict(state, strict=True)  # every name and shape was checked above
     return model.eval()
+
+
+def load_hf_checkpoint(path, dtype: str = "float32") -> Checkpoint:
+    """The folder's GPT-2 as a checkpoint.Checkpoint (step 0, no optimizer state): what the
+    runner starts every strategy from when `--model` replaces pretraining."""
+    model = load_hf_folder(path, dtype=dtype)
+    return Checkpoint(params=model.params, masks={}, optimizer_state=None, schedule_state=None, step=0,
+                      rng_state=None, extra={"kind": "pretrained", "from": "hugging_face"},
+                      config=model.config.to_dict(), meta={"head": "lm", "tied": model.config.tie_weights},
+                      path=os.fspath(path))
 
 
 # ---------------------------------------------------------------------- exporting

@@ -48,13 +48,18 @@ def result_config(config) -> dict:
     return out
 
 
-def run_config(config, strategy: str, seed: int, pretrained_id: str | None) -> dict:
+def run_config(config, strategy: str, seed: int, pretrained_id: str | None,
+               data_id: dict | None = None) -> dict:
     """What one fine-tuning run depends on: the result config without the grid (runner),
     plus its own strategy, seed and pretrained model (runner.pretrained_id: the cache key or
-    the given file's SHA-256); task.relatedness is in `task`."""
+    the given file's SHA-256) and, for file data, the files' contents (data_id: their
+    SHA-256s); task.relatedness is in `task`."""
     d = result_config(config)
     d.pop("runner", None)
-    return {**d, "run": {"strategy": strategy, "seed": int(seed), "pretrained": pretrained_id}}
+    run = {"strategy": strategy, "seed": int(seed), "pretrained": pretrained_id}
+    if data_id:
+        run["data"] = data_id
+    return {**d, "run": run}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -134,8 +139,9 @@ class Journal:
         self.dir = Path(root) / fingerprint[:16]
 
     @staticmethod
-    def run_name(index: int, strategy: str, seed: int, relatedness: float) -> str:
-        return f"run-{index:04d}-{strategy}-rel{relatedness:g}-seed{seed}.json"
+    def run_name(index: int, strategy: str, seed: int, relatedness: float | None) -> str:
+        rel = "" if relatedness is None else f"-rel{relatedness:g}"  # None: file data
+        return f"run-{index:04d}-{strategy}{rel}-seed{seed}.json"
 
     @property
     def header(self) -> Path:

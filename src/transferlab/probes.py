@@ -138,15 +138,15 @@ def finetuned_model(config, strategy: str, seed: int, pretrained):
     """The model one runner.run_one call trains, returned instead of scored: the same task,
     plan, head and training loop (runner.target_model, strategies.build_plan, train.train)."""
     from . import strategies as S
-    from .runner import target_model, task_spec
-    from .tasks import append_cls, make_target
+    from .runner import experiment_data, target_model
+    from .tasks import append_cls
     from .train import Data, train
 
-    spec = task_spec(config)
-    kind = config.task.target
-    target = make_target(kind, spec, seed=seed)
+    data = experiment_data(config)
+    kind = data.kind
+    target = data.target(seed)
     plan = S.build_plan(strategy, config.finetune.steps, config.model.n_layer, config.strategies)
-    model = target_model(config, kind, target.n_classes, spec, pretrained if plan.pretrained else None, seed)
+    model = target_model(config, data, target.n_classes, pretrained, seed, random_init=not plan.pretrained)
     splits = [target.train, target.val, target.test]
     if model.config.cls_id is not None:
         splits = [append_cls(s, model.config.cls_id) for s in splits]
@@ -160,22 +160,22 @@ def run_probes(config, seeds=(0, 1, 2), strategies=STRATEGIES, l2: float = 1e-3)
     with the target head's attention direction), a random backbone ("random init": the
     starting point of scratch), and each strategy after fine-tuning. Means over seeds."""
     from . import checkpoint as C
-    from .runner import ensure_pretrained, target_model, task_spec
-    from .tasks import make_target
+    from .runner import ensure_pretrained, experiment_data, target_model
 
     if config.task.target != "topic":
         raise ValueError("the probes read the topic label: run them with task.target: topic")
     path, _ = ensure_pretrained(config, None, progress=False)
     pretrained = C.load_checkpoint(path)
-    spec = task_spec(config)
+    data = experiment_data(config)
     per_seed: dict[str, list[list[float]]] = {}
     finetuned = {}
     for seed in seeds:
-        target = make_target("topic", spec, seed=seed)
+        target = data.target(seed)
         test = target.test
         tr, te = probe_split(len(test.y), seed)
-        models = {"pretrained": target_model(config, "topic", target.n_classes, spec, pretrained, seed).eval(),
-                  "random init": target_model(config, "topic", target.n_classes, spec, None, seed).eval()}
+        models = {"pretrained": target_model(config, data, target.n_classes, pretrained, seed).eval(),
+                  "random init": target_model(config, data, target.n_classes, pretrained, seed,
+                                              random_init=True).eval()}
         for strategy in strategies:
             models[strategy] = finetuned_model(config, strategy, seed, pretrained)
         for name, model in models.items():

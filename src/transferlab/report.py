@@ -241,6 +241,11 @@ REFERENCE_LABELS = {"chance": "chance (majority)", "count": "count baseline",
                     "bayes": "Bayes ceiling"}
 
 
+def _relatedness(value) -> str:
+    """The relat. column: the synthetic target's relatedness, "-" for file data (None)."""
+    return f"{'-':>6}" if value is None else f"{value:>6.2f}"
+
+
 def table(summary: list[dict], pretrained_loss: float | None, references: list[dict] | None = None,
           optimal_lm_loss: float | None = None) -> str:
     """The comparison table printed at the end of a run: strategies, then the references
@@ -253,14 +258,14 @@ def table(summary: list[dict], pretrained_loss: float | None, references: list[d
         gain = r.get("vs_scratch")
         gain_text = f"{gain['mean']:>+9.4f} +- {gain['std']:<5.3f}" if gain else f"{'':>17}"
         lines.append(
-            f"{r['strategy']:<21} {r['relatedness']:>6.2f} {r['mean']:>9.4f} +- {r['std']:<5.3f}"
+            f"{r['strategy']:<21} {_relatedness(r['relatedness'])} {r['mean']:>9.4f} +- {r['std']:<5.3f}"
             f"{gain_text}{r['source_lm_loss_mean']:>10.4f} +- {r['source_lm_loss_std']:<5.3f}"
             f"{r['trainable_params']:>10,} {r['total_params']:>8,} {r['seconds_mean']:>6.2f}")
     if references:
         lines.append("-" * len(head))
         for r in references:
             label = REFERENCE_LABELS.get(r["name"], r["name"])
-            lines.append(f"{label:<21} {r['relatedness']:>6.2f} {r['mean']:>9.4f} +- {r['std']:<5.3f}")
+            lines.append(f"{label:<21} {_relatedness(r['relatedness'])} {r['mean']:>9.4f} +- {r['std']:<5.3f}")
     if pretrained_loss is not None:
         optimum = (f"; the optimum is {optimal_lm_loss:.4f}, a gap of {pretrained_loss - optimal_lm_loss:.4f}"
                    if optimal_lm_loss is not None else "")
@@ -299,7 +304,8 @@ def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep,
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.8))
     strategies = list(dict.fromkeys(e["strategy"] for e in entries))
     colors = strategy_colors(strategies)
-    top_r = max(e["relatedness"] for e in entries)
+    # the panels without a sweep show the highest relatedness (None: file data has none)
+    top_r = max((e["relatedness"] for e in entries), key=lambda r: -1.0 if r is None else r)
     if sweep:
         for s in strategies:
             rows = [r for r in summary if r["strategy"] == s]
@@ -361,7 +367,8 @@ def plot(path, entries: list[dict], summary: list[dict], kind: str, sweep,
         ax3.axhline(optimal_lm_loss, color="black", label="optimum")
     ax3.set_ylim(bottom=0.0)
     ax3.set_ylabel("source LM loss (nats)")
-    ax3.set_title(f"forgetting (relatedness {top_r:g}): source LM loss after transfer")
+    at = "" if top_r is None else f" (relatedness {top_r:g})"
+    ax3.set_title(f"forgetting{at}: source LM loss after transfer")
     ax3.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)

@@ -6,8 +6,9 @@
 
 `run(config)` writes the results JSON (atomically, fileio.py), prints a comparison table
 (mean +- std over seeds) and saves a plot (both from report.py). `--sweep relatedness`
-repeats the comparison for each value of task.relatedness. See docs/README.md and
-docs/results.md.
+repeats the comparison for each value of task.relatedness. The data is the synthetic
+tasks or your own files (`--data`, `--source`, `--model`): experiment_data.py answers the
+runner's questions about either. See docs/README.md, docs/results.md, docs/own_data.md.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint as C
+from . import hf
 from . import journal as J
 from . import lora
 from . import masks as M
@@ -27,9 +29,9 @@ from . import strategies as S
 from .config import ConfigError, config_hash, finetune_for, replace_in
 from .fileio import OutputError, check_writable, remove_stale_temporaries, write_json_atomic
 from .model import GPT, GPTConfig
-from .baselines import baselines_for, source_reference
+from .experiment_data import experiment_data, task_spec  # noqa: F401 (runner.task_spec in the docs)
 from .report import Overall, Progress, plot, summarize, summarize_references, table
-from .tasks import TaskSpec, append_cls, make_source, make_target, task_kind
+from .tasks import append_cls, task_kind
 from .train import Data, evaluate, lm_split, train
 
 log = logging.getLogger("transferlab")
@@ -38,21 +40,12 @@ log = logging.getLogger("transferlab")
 # ---------------------------------------------------------------------- building blocks
 
 
-def task_spec(config) -> TaskSpec:
-    t = config.task
-    return TaskSpec(
-        n_tokens=t.n_tokens, n_topics=t.n_topics, seq_len=t.seq_len, concentration=t.concentration,
-        relatedness=t.relatedness, n_source_train=t.n_source_train, n_source_val=t.n_source_val,
-        n_target_train=t.n_target_train, n_target_val=t.n_target_val, n_target_test=t.n_target_test,
-        min_len=t.min_len, seed=config.seed)
-
-
 def pretrain_config(config) -> dict:
-    """Everything pretraining depends on; the target task and relatedness are not part of it."""
-    task = {k: v for k, v in config.to_dict()["task"].items()
-            if k not in ("relatedness", "target", "n_target_train", "n_target_val", "n_target_test", "min_len")}
-    return {"seed": config.seed, "model": config.to_dict()["model"], "task": task,
-            "pretrain": config.to_dict()["pretrain"]}
+    """Everything pretraining depends on: the seed, the model and pretraining knobs, and the
+    source (the synthetic task's knobs, or the source text's SHA-256); never the target."""
+    d = config.to_dict()
+    return {"seed": config.seed, "model": d["model"], **experiment_data(config).pretrain_identity(),
+            "pretrain": d["pretrain"]}
 
 
 def pretrain_key(config) -> str:
@@ -60,18 +53,20 @@ def pretrain_key(config) -> str:
     return config_hash(pretrain_config(config))
 
 
-def backbone_config(config, spec: TaskSpec) -> GPTConfig:
+def backbone_config(config, data) -> GPTConfig:
+    """The LM our runner pretrains: config.model's shape, the data's vocabulary (a
+    tasks.TaskSpec or an experiment_data object: anything with vocab_size and pad_id)."""
     m = config.model
-    return GPTConfig(vocab_size=spec.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+    return GPTConfig(vocab_size=data.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
                      n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, dtype=m.dtype,
-                     head="lm", pad_id=spec.pad_id)
+                     head="lm", pad_id=data.pad_id)
 
 
-def pretrain(config, spec: TaskSpec, path: Path, progress: bool) -> dict:
-    """Train the LM head on the source task and save the checkpoint at `path`."""
+def pretrain(config, data, path: Path, progress: bool) -> dict:
+    """Train the LM head on the source (data.source()) and save the checkpoint at `path`."""
     p = config.pretrain
-    source = make_source(spec)
-    model = GPT(backbone_config(config, spec), seed=config.seed)
+    source = data.source()
+    model = GPT(backbone_config(config, data), seed=config.seed)
     data = Data("lm", lm_split(source.train), lm_split(source.val))
     plan = S.Plan("pretrain", pretrained=False, phases=(S.Phase(0, "all"),))
     bar = Progress("pretrain (source LM)", p.steps, progress)
@@ -84,27 +79,37 @@ def pretrain(config, spec: TaskSpec, path: Path, progress: bool) -> dict:
     return {"seconds": result.seconds, "history": result.history}
 
 
-def target_model(config, kind: str, n_classes: int, spec: TaskSpec, pretrained, seed: int, start=None):
-    """A model for the target task: the pretrained backbone with a new head, or a random one.
+def target_model(config, data, n_classes: int, pretrained, seed: int, start=None,
+                 random_init: bool = False):
+    """A model for the target task: the pretrained backbone with a new head, or (random_init)
+    a randomly initialised one of the same architecture.
 
-    `pretrained`: the pretrained Checkpoint (or its path); None for a random backbone.
+    `data`: the experiment_data object (kind, vocab_size, cls_id).
+    `pretrained`: the pretrained Checkpoint (or its path); may be None with random_init.
     `start`: an LM to start from instead of the pretrained one (ULMFiT's fine-tuned LM).
     """
     f = config.finetune
-    head, output = task_kind(kind).head, task_kind(kind).output
+    head, output = task_kind(data.kind).head, task_kind(data.kind).output
     changes = dict(n_classes=n_classes, sequence_output=output, pooling=f.pooling,
                    causal=f.attention == "causal", label_smoothing=f.label_smoothing,
                    head_hidden=f.head_hidden, dropout=config.model.dropout)
-    cls_id = spec.vocab_size if (head == "sequence" and f.pooling == "cls") else None
-    if pretrained is None:
-        base = backbone_config(config, spec)
-        cfg = dataclasses.replace(base, vocab_size=base.vocab_size + (cls_id is not None),
-                                  head=head, cls_id=cls_id, **changes)
+    cls_id = data.cls_id if (head == "sequence" and f.pooling == "cls") else None
+    new_row = cls_id is not None and cls_id >= data.vocab_size  # else CLS is in the vocabulary
+    if random_init:  # the pretrained model's architecture (ours without one)
+        base = (GPTConfig(**C.as_checkpoint(pretrained).config) if pretrained is not None
+                else backbone_config(config, data))
+        cfg = dataclasses.replace(base, vocab_size=base.vocab_size + new_row, head=head,
+                                  cls_id=cls_id, **changes)
         return GPT(cfg, seed=seed)
     model = start if start is not None else C.model_from_checkpoint(pretrained, seed=seed)
     model.masks.clear()
-    if cls_id is not None:
-        model.resize_vocab(spec.vocab_size + 1)  # a new CLS row; the old rows are kept
+    if new_row:
+        model.resize_vocab(data.vocab_size + 1)  # a new CLS row; the old rows are kept
+    elif cls_id is not None:  # a CLS id the vocabulary reserved (ByteVocab's 257): never an
+        # input in pretraining, but the tied LM head trained its row as an output, pushed
+        # away from every hidden state; it starts fresh, as a new row would
+        wte = model.params["wte.weight"]
+        wte[cls_id] = model.init_rng.standard_normal(wte.shape[1]) * model.config.init_std
     model.set_head(head, cls_id=cls_id, **changes)  # breaks the wte tie
     return model
 
@@ -131,17 +136,17 @@ def source_lm_loss(model, pretrained, source_val) -> float:
     return evaluate(lm, "lm", lm_split(source_val))["loss"]
 
 
-def lm_stage(config, plan, spec, target, pretrained, seed):
+def lm_stage(config, plan, data, target, pretrained, seed):
     """ULMFiT's second stage: the pretrained LM fine-tuned on the target task's own text
     (the inputs of its training and validation splits, no labels) before the classifier.
     Returns the fine-tuned LM (the runner then switches its head)."""
     model = C.model_from_checkpoint(pretrained, seed=seed)
-    data = Data("lm", lm_split(target.train.x, spec.pad_id), lm_split(target.val.x, spec.pad_id))
+    text = Data("lm", lm_split(target.train.x, data.pad_id), lm_split(target.val.x, data.pad_id))
     # the strategy's own rate (strategies.lr.<name>) for both stages: what --sweep lr measured
     s = dataclasses.replace(finetune_for(config, plan.name), steps=plan.lm_stage_steps, patience=0,
                             eval_every=min(config.finetune.eval_every, plan.lm_stage_steps))
     lm_plan = S.Plan("ulmfit_lm", pretrained=True, phases=(S.Phase(0, "all"),))
-    train(model, data, lm_plan, s, seed=seed)
+    train(model, text, lm_plan, s, seed=seed)
     return model
 
 
@@ -152,13 +157,14 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
 
     overall: the experiment's report.Overall (run k of N); fingerprint: the run's
     journal.run_config, recorded in its checkpoint so a resume can be checked against it."""
-    spec = task_spec(config)
-    kind = config.task.target
-    target = make_target(kind, spec, seed=seed)
-    plan = S.build_plan(strategy, config.finetune.steps, config.model.n_layer, config.strategies)
-    start = lm_stage(config, plan, spec, target, pretrained, seed) if plan.lm_stage_steps else None
-    model = target_model(config, kind, target.n_classes, spec, pretrained if plan.pretrained else None, seed,
-                         start)
+    world = experiment_data(config)
+    kind = world.kind
+    target = world.target(seed)
+    n_layer = C.as_checkpoint(pretrained).config["n_layer"]  # GPT-2's 12 with --model
+    plan = S.build_plan(strategy, config.finetune.steps, n_layer, config.strategies)
+    start = lm_stage(config, plan, world, target, pretrained, seed) if plan.lm_stage_steps else None
+    model = target_model(config, world, target.n_classes, pretrained, seed, start,
+                         random_init=not plan.pretrained)
     if plan.lora:  # adapters first, so a resumed run finds the parameters it saved
         lora.attach(model, seed=seed, **plan.lora)
     splits = [target.train, target.val, target.test]
@@ -167,7 +173,7 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
     data = Data(kind, *splits)
     bar = Progress(f"{strategy} (seed {seed})", config.finetune.steps, progress, overall=overall)
     extra = {"kind": "finetune", "strategy": strategy, "seed": seed, "task": kind,
-             "relatedness": config.task.relatedness}
+             "relatedness": world.relatedness}
     if fingerprint is not None:
         extra["run_config"] = fingerprint
     try:
@@ -180,7 +186,7 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
     test = evaluate(model, kind, data.test, cache=result.cache, cache_name="test")
     entry = {
         "strategy": strategy, "task": kind, "seed": seed,
-        "relatedness": config.task.relatedness, "lr": finetune_for(config, strategy).lr,
+        "relatedness": world.relatedness, "lr": finetune_for(config, strategy).lr,
         "trainable_params": result.trainable_params,
         "trainable_params_by_phase": result.trainable_by_phase,
         "total_params": int(sum(p.size for p in model.params.values())),
@@ -199,15 +205,11 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
 # ---------------------------------------------------------------------- entry point
 
 
-def reference_entries(config, relatedness_values) -> list[dict]:
-    """Chance, the count baseline and the Bayes ceiling on the test split of every
-    (relatedness, seed) the strategies ran on (baselines.py): what a result is judged against."""
-    kind, out = config.task.target, []
-    for value in relatedness_values:
-        spec = task_spec(replace_in(config, "task.relatedness", float(value)))
-        for seed in config.runner.seeds:
-            out += baselines_for(kind, spec, make_target(kind, spec, seed=seed), seed)
-    return out
+def reference_entries(configs) -> list[dict]:
+    """What a result is judged against, on the test split of every (sweep point, seed) the
+    strategies ran on: chance, the count baseline and (synthetic tasks) the Bayes ceiling
+    (baselines.py, data.file_baselines)."""
+    return [e for cfg in configs for e in experiment_data(cfg).references(cfg.runner.seeds)]
 
 
 SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dtype")
@@ -216,20 +218,30 @@ SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dtype"
 def check_pretrained(ckpt, config, given: bool) -> None:
     """Refuse (exit 2, the differing keys listed) a pretrained checkpoint made under another
     model shape, source task or seed, or a cached one made under other pretraining knobs."""
-    spec = task_spec(config)
-    want = backbone_config(config, spec).to_dict()
+    want = backbone_config(config, experiment_data(config)).to_dict()
     what = f"pretrained checkpoint {ckpt.path}"
     J.refuse(what, {"model": {k: ckpt.config.get(k) for k in SHAPE_KEYS}},
              {"model": {k: want[k] for k in SHAPE_KEYS}},
-             " (model.vocab_size follows task.n_tokens)")
+             " (model.vocab_size follows task.n_tokens, or the vocabulary of your data)")
     saved = (ckpt.extra or {}).get("pretrain_config")
     if saved is None:  # not ours, or from before fingerprints: the shape check is all we have
         return
     ours = pretrain_config(config)
-    if given:  # a checkpoint given on purpose replaces pretraining: only the source task counts
-        saved = {k: v for k, v in saved.items() if k in ("seed", "task")}
-        ours = {k: v for k, v in ours.items() if k in ("seed", "task")}
+    if given:  # a checkpoint given on purpose replaces pretraining: only the source counts
+        saved = {k: v for k, v in saved.items() if k in ("seed", "task", "source")}
+        ours = {k: v for k, v in ours.items() if k in ("seed", "task", "source")}
     J.refuse(what, saved, ours, "" if given else "; delete it to pretrain again")
+
+
+def check_fits(ckpt, data, config) -> None:
+    """Refuse (exit 2) a pretrained model whose vocabulary is not the data's, or whose
+    context is shorter than the examples (data.max_len, with a Hugging Face folder)."""
+    V, T = ckpt.config["vocab_size"], ckpt.config["block_size"]
+    if V != data.vocab_size:
+        raise ConfigError(f"{ckpt.path}: the model has {V} token embeddings, the vocabulary of the data "
+                          f"has {data.vocab_size} tokens (a GPT-2 folder's vocab.json must match its weights)")
+    if data.relatedness is None and config.data.max_len > T:
+        raise ConfigError(f"data.max_len must be <= {T}, the context of {ckpt.path}, got {config.data.max_len}")
 
 
 def pretrained_cache_path(config) -> Path:
@@ -238,14 +250,26 @@ def pretrained_cache_path(config) -> Path:
 
 
 def pretrained_id(config, pretrained: str | None) -> str:
-    """What the experiment's pretrained model is: a file's SHA-256, or the cache key."""
+    """What the experiment's pretrained model is: a file's SHA-256 (a Hugging Face folder's
+    weights file), or the cache key."""
+    if config.data.model:
+        return f"hf:{C.file_sha256(hf.weights_path(config.data.model))}"
     return f"file:{C.file_sha256(pretrained)}" if pretrained else f"cache:{pretrain_key(config)}"
 
 
+def load_pretrained(path) -> C.Checkpoint:
+    """The pretrained model as a Checkpoint: our .npz file, or a Hugging Face GPT-2 folder."""
+    return hf.load_hf_checkpoint(path) if Path(path).is_dir() else C.load_checkpoint(path)
+
+
 def ensure_pretrained(config, pretrained: str | None, progress: bool):
-    """The pretrained checkpoint: the one given, the cached one, or a new one; a loaded one
-    is checked against the config first (check_pretrained)."""
-    spec = task_spec(config)
+    """The pretrained checkpoint: a Hugging Face folder (data.model), the one given, the
+    cached one, or a new one; a loaded one is checked against the config first
+    (check_pretrained)."""
+    if config.data.model:
+        if pretrained:
+            raise ConfigError("--pretrained and --model (data.model) both name the pretrained model; give one")
+        return Path(config.data.model), {"path": config.data.model, "cached": True, "hugging_face": True}
     if pretrained:
         check_pretrained(C.load_checkpoint(pretrained), config, given=True)
         return Path(pretrained), {"path": str(pretrained), "cached": True}
@@ -256,7 +280,7 @@ def ensure_pretrained(config, pretrained: str | None, progress: bool):
         return path, {"path": str(path), "cached": True}
     log.info("pretraining the source LM (cached afterwards at %s)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = pretrain(config, spec, path, progress)
+    info = pretrain(config, experiment_data(config), path, progress)
     return path, {"path": str(path), "cached": False, **info}
 
 
@@ -269,6 +293,9 @@ def sweep_points(config, sweep) -> list:
     sweep every strategy runs at the point's rate (strategies.lr is set aside)."""
     if sweep is None:
         return [(None, config)]
+    if sweep == "relatedness" and config.data.labelled:
+        raise ConfigError("--sweep relatedness varies the synthetic tasks; with --data (data.labelled) "
+                          "sweep lr or nothing")
     key, values = SWEEPS[sweep]
     points = []
     for value in getattr(config.runner, values):
@@ -296,7 +323,8 @@ def run_checkpoint_path(config, strategy: str, seed: int, sweep=None) -> Path:
     <cache_dir>/runs/<strategy>-<task>-seed<k>.npz (with -rel<r> or -lr<rate> in a sweep)."""
     rel = {"relatedness": f"-rel{config.task.relatedness:g}",
            "lr": f"-lr{config.finetune.lr:g}"}.get(sweep, "")
-    path = Path(config.runner.cache_dir) / "runs" / f"{strategy}-{config.task.target}{rel}-seed{seed}.npz"
+    kind = experiment_data(config).kind
+    path = Path(config.runner.cache_dir) / "runs" / f"{strategy}-{kind}{rel}-seed{seed}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -346,7 +374,7 @@ def _run_task(task: RunTask, pretrained_path: str, source_val) -> dict:
     itself (once per process) rather than receiving its arrays with every task."""
     pretrained = _PRETRAINED.get(pretrained_path)
     if pretrained is None:
-        pretrained = _PRETRAINED.setdefault(pretrained_path, C.load_checkpoint(pretrained_path))
+        pretrained = _PRETRAINED.setdefault(pretrained_path, load_pretrained(pretrained_path))
     return run_one(task.config, task.strategy, task.seed, pretrained, source_val, False,
                    resume=task.resume, checkpoint=task.checkpoint, fingerprint=task.fingerprint)
 
@@ -403,8 +431,11 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None, executo
     if resume and resume is not True:
         return _resume(config, resume, pretrained, progress)
     points = sweep_points(config, sweep)
+    world = experiment_data(config)  # files are read and checked here, before any work
     pre_id = pretrained_id(config, pretrained)
     fingerprint = {"config": J.result_config(config), "sweep": sweep, "pretrained": pre_id}
+    if world.identity():
+        fingerprint["data"] = world.identity()
     journal = J.Journal(Path(config.runner.cache_dir) / "journal", config_hash(fingerprint))
     if resume:
         header = _journal_to_resume(journal, fingerprint)
@@ -412,17 +443,17 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None, executo
         journal.start(fingerprint, argv)
         header = {}
     path, pre_info = ensure_pretrained(config, pretrained, progress)
-    pretrained = C.load_checkpoint(path)  # read once; every run starts from this copy
-    spec = task_spec(config)
-    source_val = make_source(spec).val
+    pretrained = load_pretrained(path)  # read once; every run starts from this copy
+    check_fits(pretrained, world, config)
+    source_val = world.source().val
     if header.get("pretrained"):  # as the interrupted experiment first found it
         pre_info = header["pretrained"]
     else:
         pre_info["source_lm_loss"] = source_lm_loss(C.model_from_checkpoint(pretrained), pretrained, source_val)
-        pre_info["optimal_lm_loss"] = source_reference(spec)["optimal_lm_loss"]
+        pre_info["optimal_lm_loss"] = world.optimal_lm_loss()
         journal.write_header(fingerprint, argv, pre_info)
 
-    tasks = _grid(points, sweep, pre_id)
+    tasks = _grid(points, sweep, pre_id, world)
     done = journal.finished() if resume else {}
     overall = Overall(len(tasks), config.finetune.steps, progress)
     entries, pending = {}, []
@@ -464,12 +495,12 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None, executo
     finally:
         overall.close()
     entries = [entries[task.index] for task in tasks]  # the serial order, however they ran
-    kind = config.task.target
+    kind = world.kind
     summary = summarize(entries, kind, sweep)
-    references = reference_entries(config, [v for v, _ in points] if sweep == "relatedness"
-                                   else [config.task.relatedness])
+    references = reference_entries([cfg for _, cfg in points] if sweep == "relatedness" else [config])
     out = {
-        "config": config.to_dict(), "sweep": sweep, "pretrained": pre_info, "summary": summary,
+        "config": config.to_dict(), "data": world.record(), "sweep": sweep, "pretrained": pre_info,
+        "summary": summary,
         "baselines": references, "results": entries, "seconds": round(time.perf_counter() - t0, 2),
     }
     if sweep == "lr":
@@ -494,17 +525,18 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None, executo
     return 0
 
 
-def _grid(points, sweep, pre_id: str) -> list[RunTask]:
+def _grid(points, sweep, pre_id: str, world) -> list[RunTask]:
     """Every run of the experiment in the serial order: sweep point, seed, strategy."""
-    tasks = []
+    tasks, data_id = [], world.identity()
     for _, cfg in points:
         for seed in cfg.runner.seeds:
             for strategy in cfg.runner.strategies:
                 index = len(tasks)  # makes the name unique whatever the sweep varies
                 tasks.append(RunTask(
                     index, cfg, strategy, seed, str(run_checkpoint_path(cfg, strategy, seed, sweep)),
-                    J.Journal.run_name(index, strategy, seed, float(cfg.task.relatedness)),
-                    J.run_config(cfg, strategy, seed, pre_id)))
+                    J.Journal.run_name(index, strategy, seed, world.relatedness if sweep != "relatedness"
+                                       else float(cfg.task.relatedness)),
+                    J.run_config(cfg, strategy, seed, pre_id, data_id)))
     return tasks
 
 
@@ -558,18 +590,21 @@ def _resume(config, resume, pretrained, progress) -> int:
     """Continue one interrupted fine-tuning run from its checkpoint; print its entry."""
     ckpt = C.load_checkpoint(resume)
     extra = ckpt.extra or {}
+    world = experiment_data(config)
     if extra.get("kind") != "finetune":
         raise ValueError(f"{resume}: not a fine-tuning run checkpoint (nothing to resume)")
     path, _ = ensure_pretrained(config, pretrained, progress)
-    cfg = replace_in(config, "task.target", extra["task"])
-    if "relatedness" in extra:  # a run from a relatedness sweep resumes on its own task
-        cfg = replace_in(cfg, "task.relatedness", float(extra["relatedness"]))
+    cfg = config
+    if world.relatedness is not None:  # synthetic: the run's own task and relatedness
+        cfg = replace_in(config, "task.target", extra["task"])
+        if extra.get("relatedness") is not None:  # a run from a relatedness sweep
+            cfg = replace_in(cfg, "task.relatedness", float(extra["relatedness"]))
     pre_id = pretrained_id(config, pretrained)
-    fingerprint = J.run_config(cfg, extra["strategy"], extra["seed"], pre_id)
+    fingerprint = J.run_config(cfg, extra["strategy"], extra["seed"], pre_id, world.identity())
     if "run_config" in extra:
         J.refuse(f"run checkpoint {resume}", extra["run_config"], fingerprint)
-    source_val = make_source(task_spec(cfg)).val
-    entry = run_one(cfg, extra["strategy"], extra["seed"], path, source_val, progress,
+    source_val = experiment_data(cfg).source().val
+    entry = run_one(cfg, extra["strategy"], extra["seed"], load_pretrained(path), source_val, progress,
                     resume=resume, checkpoint=resume, fingerprint=fingerprint)
     write_json_atomic(config.runner.output, {"config": cfg.to_dict(), "results": [entry]},
                       knob=OUTPUT_KNOBS["output"])
