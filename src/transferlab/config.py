@@ -4,10 +4,11 @@ Four layers, each overriding the one before it (docs/configuration.md):
 
     dataclass defaults  <  config.yaml  <  .env / environment  <  --set section.key=value
 
-Every knob is a dataclass field declared with `knob(default, doc, **rules)`. The rules sit
-next to the field (`gt=0`, `ge=0, lt=1`, `choices=...`), and one small walker
-(`_check_section`) checks any mapping against any of these dataclasses. So adding a knob
-is one line here and one commented line in config.yaml, never a new `if`.
+Every knob is a dataclass field declared with `knob(default, doc, **rules)` (knobs.py).
+The rules sit next to the field (`gt=0`, `ge=0, lt=1`, `choices=...`), and one small
+walker (`_check_section`) checks any mapping against any of these dataclasses, each value
+with `knobs.check_value`, the checker the domain dataclasses use too. So adding a knob is
+one line here and one commented line in config.yaml, never a new `if`.
 
 A bad value raises `ConfigError` with one line that names where the value came from and
 its dotted key:
@@ -23,8 +24,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
-import operator
 import os
 import re
 import typing
@@ -35,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from .heads import POOLINGS
+from .knobs import check_value, knob, show
 from .lora import TARGETS as LORA_TARGETS
 from .schedules import CONFIGURABLE as SCHEDULE_NAMES
 from .strategies import STRATEGIES
@@ -50,18 +50,6 @@ ENV_KEYS = {"RANDOM_SEED": "seed", "LOG_LEVEL": "logging.level"}
 
 class ConfigError(ValueError):
     """A configuration problem, explained in one line that names the file and the key."""
-
-
-def knob(default, doc, **rules):
-    """A config field: its default, one line for the reader, and the rules a value obeys.
-
-    Rules: gt / ge / lt / le (bounds), choices (allowed values), nonempty (for strings and
-    lists), expand (a function applied to the checked value). For a list field the bounds
-    and choices apply to each element.
-    """
-    if isinstance(default, list):
-        default = tuple(default)  # frozen all the way down: lists are stored as tuples
-    return field(default=default, metadata={"doc": doc, **rules})
 
 
 def section(cls):
@@ -486,7 +474,7 @@ def _check_section(cls, data, where, prefix):
     """Check a mapping against dataclass `cls`; return the checked values it sets."""
     if not isinstance(data, Mapping):
         what = "the top level" if not prefix else prefix.rstrip(".")
-        raise ConfigError(f"{where}: {what} must be a mapping (section), got {_show(data)}")
+        raise ConfigError(f"{where}: {what} must be a mapping (section), got {show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     types = typing.get_type_hints(cls)
     checked = {}
@@ -503,67 +491,11 @@ def _check_section(cls, data, where, prefix):
 
 
 def _check_value(value, type_, rules, where, key):
-    """Check one value (a scalar, or a tuple[...] field given as a YAML list)."""
-    if typing.get_origin(type_) is tuple:
-        item_type = typing.get_args(type_)[0]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: {key} must be a list of {_NAMES[item_type][1]}, "
-                              f"got {_show(value)}")
-        if rules.get("nonempty") and not value:
-            raise ConfigError(f"{where}: {key} must not be empty")
-        value = tuple(_check_scalar(item, item_type, rules, where, f"{key}[{i}]")
-                      for i, item in enumerate(value))
-    else:
-        value = _check_scalar(value, type_, rules, where, key)
-        if rules.get("nonempty") and value == "":
-            raise ConfigError(f"{where}: {key} must not be empty")
-    return rules["expand"](value) if "expand" in rules else value
-
-
-# type -> (how a message names one, how it names several)
-_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
-          str: ("a string", "strings"), bool: ("true or false", "true/false values")}
-
-# type -> does this YAML value have it? True is an int in Python, but not a number here.
-_HAS_TYPE = {
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # 1 is fine
-    str: lambda v: isinstance(v, str),
-    bool: lambda v: isinstance(v, bool),
-}
-
-# bound rule -> (test, symbol); lower bounds first, so a pair reads "in [low, high)"
-_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="),
-           "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
-
-
-def _check_scalar(value, type_, rules, where, key):
-    """Type first, then choices, then bounds; returns the value (ints made floats)."""
-    if not _HAS_TYPE[type_](value):
-        raise ConfigError(f"{where}: {key} must be {_NAMES[type_][0]}, got {_show(value)}")
-    if type_ is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
-
-    if "choices" in rules and value not in rules["choices"]:
-        close = difflib.get_close_matches(str(value), rules["choices"], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}: {key} must be one of {', '.join(rules['choices'])}, "
-                          f"got {value!r}{hint}")
-    bounds = [(rule, rules[rule]) for rule in _BOUNDS if rule in rules]
-    if not all(_BOUNDS[rule][0](value, limit) for rule, limit in bounds):
-        raise ConfigError(f"{where}: {key} must be {_range_text(bounds)}, got {value!r}")
-    return value
-
-
-def _range_text(bounds):
-    """[('ge', 0), ('lt', 1)] -> 'in [0, 1)'; a single bound -> '> 0', '<= 1'."""
-    if len(bounds) == 2:
-        (low, a), (high, b) = bounds
-        return f"in {'(' if low == 'gt' else '['}{a}, {b}{')' if high == 'lt' else ']'}"
-    (rule, limit), = bounds
-    return f"{_BOUNDS[rule][1]} {limit}"
+    """Check one value against its knob's rules (knobs.check_value); name where it came from."""
+    try:
+        return check_value(value, type_, rules, key)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _unknown(name, key, fields, at_top):
@@ -616,16 +548,6 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
-
-
-def _show(value):
-    """How a wrong value is shown in a message: its type, then the value."""
-    if value is None:
-        return "nothing (null)"
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
 
 
 def _one_line(err):
