@@ -34,11 +34,11 @@ from pathlib import Path
 import yaml
 
 from .heads import POOLINGS
-from .knobs import check_value, knob, show
+from .knobs import Rule, check_value, knob, show
 from .lora import TARGETS as LORA_TARGETS
 from .schedules import CONFIGURABLE as SCHEDULE_NAMES
 from .strategies import STRATEGIES
-from .tasks import TARGET_KINDS
+from .tasks import TARGET_KINDS, TaskSpec
 
 # The registries this schema reads its choices from, each declared once in its own module.
 STRATEGY_NAMES = tuple(STRATEGIES)  # "all" in runner.strategies (or `--strategy all`) = these
@@ -67,6 +67,22 @@ def _expand_all(names):
     return tuple(expanded)
 
 
+def section_of(cls, name, doc, names, more=()):
+    """A config section made of the knobs `names` of the dataclass `cls` (in that order),
+    each with the type, default, doc and rules declared there, then the knobs `more`
+    ((name, type, knob) triples). The domain class stays the one declaration of each knob."""
+    types, knobs = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    fields = [(n, types[n], field(default=knobs[n].default, metadata=knobs[n].metadata))
+              for n in names]
+    return _make_section(name, doc, fields + list(more))
+
+
+def _make_section(name, doc, fields, bases=()):
+    """A frozen dataclass named `name`, defined in this module (make_dataclass's fields)."""
+    return dataclasses.make_dataclass(name, fields, bases=bases, frozen=True,
+                                      namespace={"__doc__": doc, "__module__": __name__})
+
+
 # ---------------------------------------------------------------------------- the schema
 # The defaults are the values shipped in config.yaml (a test holds them equal).
 
@@ -82,23 +98,12 @@ class ModelConfig:
     dtype: str = knob("float32", "float type of every array", choices=("float32", "float64"))
 
 
-@dataclass(frozen=True)
-class TaskConfig:
-    """The synthetic source (language modelling) and target tasks (tasks.py)."""
-    n_tokens: int = knob(24, "vocabulary of the Markov chains", ge=2)
-    n_topics: int = knob(4, "number of chains (topics)", ge=2)
-    seq_len: int = knob(16, "tokens per sequence", ge=7)
-    concentration: float = knob(0.3, "Dirichlet concentration of chain rows (small = peaky)", gt=0)
-    relatedness: float = knob(1.0, "1 = target chains are the source chains, 0 = fresh ones",
-                              ge=0, le=1)
-    n_source_train: int = knob(50000, "source training sequences", ge=1)
-    n_source_val: int = knob(200, "source validation sequences", ge=1)
-    n_target_train: int = knob(48, "target training examples (small on purpose)", ge=1)
-    n_target_val: int = knob(128, "target validation examples", ge=1)
-    n_target_test: int = knob(512, "target test examples", ge=1)
-    min_len: int = knob(6, "shortest target sequence (the rest is padding); a tagging row "
-                           "needs two 3-token segments", ge=6)
-    target: str = knob("topic", "which target task", choices=TASK_TARGETS)
+TaskConfig = section_of(
+    TaskSpec, "TaskConfig",
+    "The synthetic source (language modelling) and target tasks: tasks.TaskSpec's knobs "
+    "(its seed is Config.seed), and which target.",
+    names=[f.name for f in dataclasses.fields(TaskSpec) if f.name != "seed"],
+    more=[("target", str, knob("topic", "which target task", choices=TASK_TARGETS))])
 
 
 @dataclass(frozen=True)
@@ -137,14 +142,11 @@ def finetune_for(config, strategy: str):
 def with_defaults(cls, name, doc, **defaults):
     """A subclass of the dataclass `cls` whose knobs keep their docs and rules but start
     at other defaults: one declaration of each knob serves several sections."""
-    fields = []
-    for f in dataclasses.fields(cls):
-        if f.name in defaults:
-            fields.append((f.name, f.type, field(default=defaults.pop(f.name), metadata=f.metadata)))
+    fields = [(f.name, f.type, field(default=defaults.pop(f.name), metadata=f.metadata))
+              for f in dataclasses.fields(cls) if f.name in defaults]
     if defaults:
         raise TypeError(f"{name}: {cls.__name__} has no knob {', '.join(defaults)}")
-    return dataclasses.make_dataclass(name, fields, bases=(cls,), frozen=True,
-                                      namespace={"__doc__": doc, "__module__": __name__})
+    return _make_section(name, doc, fields, bases=(cls,))
 
 
 PretrainConfig = with_defaults(
@@ -223,12 +225,10 @@ class AuxLMConfig:
 # as `python src/main.py --strategy all --seeds 0 1 2 --sweep lr` chose them on the
 # validation split (docs/results.md#learning-rates); config.yaml ships the same values.
 SWEPT_LR = {"scratch": 0.003, "feature_extractor": 0.001, "head_finetune": 0.0003, "full_finetune": 0.0001, "gradual_unfreeze": 0.001, "discriminative_lr": 0.001, "freeze_then_unfreeze": 0.0003, "bitfit": 0.0001, "sparse_mask": 0.0003, "lora": 0.0003, "ulmfit": 0.0001, "aux_lm": 0.0003}
-LearningRatesConfig = dataclasses.make_dataclass(
-    "LearningRatesConfig",
+LearningRatesConfig = _make_section(
+    "LearningRatesConfig", "Each strategy's own fine-tuning rate (0 = finetune.lr).",
     [(name, float, knob(SWEPT_LR.get(name, 0.0), f"{name}'s fine-tuning rate; 0 = finetune.lr", ge=0))
-     for name in STRATEGIES],
-    frozen=True, namespace={"__doc__": "Each strategy's own fine-tuning rate (0 = finetune.lr).",
-                            "__module__": __name__})
+     for name in STRATEGIES])
 
 
 @dataclass(frozen=True)
@@ -292,16 +292,15 @@ class Config:
         return _plain(self)
 
 
-# Rules that tie two knobs together, checked on the finished Config:
-# (key to blame, the other key, test that must hold, what the key must be).
+# Rules that tie two knobs together (knobs.Rule), checked on the finished Config: the ones
+# a section brings from its domain class (TaskSpec.RULES), and those declared here.
 # The message names the layer that set the later of the two keys.
 CROSS_CHECKS = (
-    ("model.n_embd", "model.n_head", lambda c: c.model.n_embd % c.model.n_head == 0,
-     lambda c: f"a multiple of model.n_head ({c.model.n_head})"),
-    ("task.seq_len", "model.block_size", lambda c: c.task.seq_len <= c.model.block_size,
-     lambda c: f"<= model.block_size ({c.model.block_size})"),
-    ("task.min_len", "task.seq_len", lambda c: c.task.min_len <= c.task.seq_len - 1,
-     lambda c: f"<= task.seq_len - 1 ({c.task.seq_len - 1}: one slot stays free for a CLS token)"),
+    Rule("model.n_embd", "model.n_head", lambda c: c.model.n_embd % c.model.n_head == 0,
+         lambda c, name: f"a multiple of model.n_head ({c.model.n_head})"),
+    Rule("task.seq_len", "model.block_size", lambda c: c.task.seq_len <= c.model.block_size,
+         lambda c, name: f"<= model.block_size ({c.model.block_size})"),
+    *(rule.within("task") for rule in TaskSpec.RULES),
 )
 
 
@@ -462,11 +461,12 @@ def _build_from_layers(layers):
         checked = _check_section(Config, data, where, prefix="")
         _merge(merged, checked, origin, (number, where), prefix="")
     config = _construct(Config, merged)
-    for key, other, holds, must_be in CROSS_CHECKS:
-        if not holds(config):
-            _, where = max(origin.get(key, (-1, "defaults")), origin.get(other, (-1, "defaults")))
-            raise ConfigError(f"{where}: {key} must be {must_be(config)}, "
-                              f"got {_get(config, key)!r}")
+    for rule in CROSS_CHECKS:
+        message = rule.broken(config)
+        if message:
+            _, where = max(origin.get(rule.key, (-1, "defaults")),
+                           origin.get(rule.other, (-1, "defaults")))
+            raise ConfigError(f"{where}: {message}")
     return config
 
 
@@ -531,12 +531,6 @@ def _nest(key, value):
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
-
-
-def _get(config, key):
-    for part in key.split("."):
-        config = getattr(config, part)
-    return config
 
 
 def _plain(obj):
