@@ -36,6 +36,7 @@ import yaml
 from .heads import POOLINGS
 from .knobs import Rule, check_value, knob, show
 from .lora import TARGETS as LORA_TARGETS
+from .model import GPTConfig
 from .schedules import CONFIGURABLE as SCHEDULE_NAMES
 from .strategies import STRATEGIES
 from .tasks import TARGET_KINDS, TaskSpec
@@ -87,15 +88,11 @@ def _make_section(name, doc, fields, bases=()):
 # The defaults are the values shipped in config.yaml (a test holds them equal).
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """The GPT-2 backbone. vocab_size is not a knob: the task decides it."""
-    n_layer: int = knob(2, "transformer blocks", ge=1)
-    n_head: int = knob(4, "attention heads per block", ge=1)
-    n_embd: int = knob(64, "width C of the residual stream", ge=1)
-    block_size: int = knob(32, "longest sequence the model accepts (positions)", ge=1)
-    dropout: float = knob(0.0, "dropout probability while training", ge=0, lt=1)
-    dtype: str = knob("float32", "float type of every array", choices=("float32", "float64"))
+ModelConfig = section_of(
+    GPTConfig, "ModelConfig",
+    "The GPT-2 backbone: model.GPTConfig's shape knobs. vocab_size is not a knob: the task "
+    "decides it.",
+    names=["n_layer", "n_head", "n_embd", "block_size", "dropout", "dtype"])
 
 
 TaskConfig = section_of(
@@ -293,11 +290,10 @@ class Config:
 
 
 # Rules that tie two knobs together (knobs.Rule), checked on the finished Config: the ones
-# a section brings from its domain class (TaskSpec.RULES), and those declared here.
+# the model and task sections bring from their domain classes, and the one between them.
 # The message names the layer that set the later of the two keys.
 CROSS_CHECKS = (
-    Rule("model.n_embd", "model.n_head", lambda c: c.model.n_embd % c.model.n_head == 0,
-         lambda c, name: f"a multiple of model.n_head ({c.model.n_head})"),
+    *(rule.within("model") for rule in GPTConfig.RULES),
     Rule("task.seq_len", "model.block_size", lambda c: c.task.seq_len <= c.model.block_size,
          lambda c, name: f"<= model.block_size ({c.model.block_size})"),
     *(rule.within("task") for rule in TaskSpec.RULES),

@@ -59,9 +59,9 @@ def pretrain_key(config) -> str:
 
 
 def backbone_config(config, spec: TaskSpec) -> GPTConfig:
-    m = config.model
-    return GPTConfig(vocab_size=spec.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                     n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, dtype=m.dtype,
+    """The pretrained LM's GPTConfig: the `model` section is GPTConfig's backbone knobs
+    (config.ModelConfig is made from them); the task sets the vocabulary and PAD."""
+    return GPTConfig(**dataclasses.asdict(config.model), vocab_size=spec.vocab_size,
                      head="lm", pad_id=spec.pad_id)
 
 
