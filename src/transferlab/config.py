@@ -7,8 +7,11 @@ Four layers, each overriding the one before it (docs/configuration.md):
 Every knob is a dataclass field declared with `knob(default, doc, **rules)` (knobs.py).
 The rules sit next to the field (`gt=0`, `ge=0, lt=1`, `choices=...`), and one small
 walker (`_check_section`) checks any mapping against any of these dataclasses, each value
-with `knobs.check_value`, the checker the domain dataclasses use too. So adding a knob is
-one line here and one commented line in config.yaml, never a new `if`.
+with `knobs.check_value`. The `model` and `task` sections are not declared here: they are
+made (`section_of`) from the fields of model.GPTConfig and tasks.TaskSpec, which declare
+those knobs and check them with the same function, and their rules between two knobs
+join CROSS_CHECKS. So adding a knob is one line in the dataclass it belongs to and one
+commented line in config.yaml, never a new `if`.
 
 A bad value raises `ConfigError` with one line that names where the value came from and
 its dotted key:
@@ -90,7 +93,7 @@ def _make_section(name, doc, fields, bases=()):
 
 ModelConfig = section_of(
     GPTConfig, "ModelConfig",
-    "The GPT-2 backbone: model.GPTConfig's shape knobs. vocab_size is not a knob: the task "
+    "The GPT-2 backbone: model.GPTConfig's backbone knobs. vocab_size is not a knob: the task "
     "decides it.",
     names=["n_layer", "n_head", "n_embd", "block_size", "dropout", "dtype"])
 
