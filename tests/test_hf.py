@@ -365,7 +365,7 @@ CONFIG_CASES = [
     (dict(n_embd=...), "required key 'n_embd' is missing"),
     (dict(n_positions=...), "required key 'n_positions' is missing"),
     (dict(n_layer="2"), "n_layer must be a positive integer, got '2'"),
-    (dict(n_head=5), "n_embd (32) must be divisible by n_head (5)"),
+    (dict(n_head=5), "GPTConfig.n_embd must be a multiple of GPTConfig.n_head (5), got 32"),
     (dict(attn_pdrop=0.1), "resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.1 differ"),
     (dict(tie_word_embeddings="yes"), "tie_word_embeddings must be true or false"),
 ]

@@ -231,11 +231,14 @@ def test_bad_token_input(idx, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(n_embd=10, n_head=4), "n_embd (10) must be divisible by n_head (4)"),
+        (dict(n_embd=10, n_head=4), "GPTConfig.n_embd must be a multiple of GPTConfig.n_head (4), got 10"),
         (dict(head="regression"), "head must be one of ('lm', 'token', 'sequence'), got 'regression'"),
         (dict(head="sequence", pooling="max"), "pooling must be one of ('cls', 'last', 'mean', 'attention'), got 'max'"),
-        (dict(dtype="float16"), "dtype must be one of ('float32', 'float64'), got 'float16'"),
-        (dict(n_layer=0), "n_layer must be a positive integer, got 0"),
+        (dict(dtype="float16"), "GPTConfig.dtype must be one of float32, float64, got 'float16'"),
+        (dict(n_layer=0), "GPTConfig.n_layer must be >= 1, got 0"),
+        (dict(n_layer=2.0), "GPTConfig.n_layer must be an integer, got float 2.0"),
+        (dict(dropout=1.0), "GPTConfig.dropout must be in [0, 1), got 1.0"),
+        (dict(vocab_size=0), "GPTConfig.vocab_size must be >= 1, got 0"),
         (dict(head="sequence", pooling="cls"), "cls_id must be set for pooling='cls'"),
         (dict(pad_id=11), "pad_id (11) must be a token id in [0, 11)"),
     ],

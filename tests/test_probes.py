@@ -21,7 +21,7 @@ def tiny_model(head="sequence", **kw):
 
 
 def small_split(n=24):
-    spec = TaskSpec(n_target_train=n, n_target_val=4, n_target_test=4)
+    spec = TaskSpec(seq_len=32, n_target_train=n, n_target_val=4, n_target_test=4)  # T = block_size
     return make_target("topic", spec, seed=0).train
 
 

@@ -4,10 +4,14 @@ Four layers, each overriding the one before it (docs/configuration.md):
 
     dataclass defaults  <  config.yaml  <  .env / environment  <  --set section.key=value
 
-Every knob is a dataclass field declared with `knob(default, doc, **rules)`. The rules sit
-next to the field (`gt=0`, `ge=0, lt=1`, `choices=...`), and one small walker
-(`_check_section`) checks any mapping against any of these dataclasses. So adding a knob
-is one line here and one commented line in config.yaml, never a new `if`.
+Every knob is a dataclass field declared with `knob(default, doc, **rules)` (knobs.py).
+The rules sit next to the field (`gt=0`, `ge=0, lt=1`, `choices=...`), and one small
+walker (`_check_section`) checks any mapping against any of these dataclasses, each value
+with `knobs.check_value`. The `model` and `task` sections are not declared here: they are
+made (`section_of`) from the fields of model.GPTConfig and tasks.TaskSpec, which declare
+those knobs and check them with the same function, and their rules between two knobs
+join CROSS_CHECKS. So adding a knob is one line in the dataclass it belongs to and one
+commented line in config.yaml, never a new `if`.
 
 A bad value raises `ConfigError` with one line that names where the value came from and
 its dotted key:
@@ -23,8 +27,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
-import operator
 import os
 import re
 import typing
@@ -35,10 +37,12 @@ from pathlib import Path
 import yaml
 
 from .heads import POOLINGS
+from .knobs import Rule, check_value, knob, show
 from .lora import TARGETS as LORA_TARGETS
+from .model import GPTConfig
 from .schedules import CONFIGURABLE as SCHEDULE_NAMES
 from .strategies import STRATEGIES
-from .tasks import TARGET_KINDS
+from .tasks import TARGET_KINDS, TaskSpec
 
 # The registries this schema reads its choices from, each declared once in its own module.
 STRATEGY_NAMES = tuple(STRATEGIES)  # "all" in runner.strategies (or `--strategy all`) = these
@@ -50,18 +54,6 @@ ENV_KEYS = {"RANDOM_SEED": "seed", "LOG_LEVEL": "logging.level"}
 
 class ConfigError(ValueError):
     """A configuration problem, explained in one line that names the file and the key."""
-
-
-def knob(default, doc, **rules):
-    """A config field: its default, one line for the reader, and the rules a value obeys.
-
-    Rules: gt / ge / lt / le (bounds), choices (allowed values), nonempty (for strings and
-    lists), expand (a function applied to the checked value). For a list field the bounds
-    and choices apply to each element.
-    """
-    if isinstance(default, list):
-        default = tuple(default)  # frozen all the way down: lists are stored as tuples
-    return field(default=default, metadata={"doc": doc, **rules})
 
 
 def section(cls):
@@ -79,38 +71,39 @@ def _expand_all(names):
     return tuple(expanded)
 
 
+def section_of(cls, name, doc, names, more=()):
+    """A config section made of the knobs `names` of the dataclass `cls` (in that order),
+    each with the type, default, doc and rules declared there, then the knobs `more`
+    ((name, type, knob) triples). The domain class stays the one declaration of each knob."""
+    types, knobs = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    fields = [(n, types[n], field(default=knobs[n].default, metadata=knobs[n].metadata))
+              for n in names]
+    return _make_section(name, doc, fields + list(more))
+
+
+def _make_section(name, doc, fields, bases=()):
+    """A frozen dataclass named `name`, defined in this module (make_dataclass's fields)."""
+    return dataclasses.make_dataclass(name, fields, bases=bases, frozen=True,
+                                      namespace={"__doc__": doc, "__module__": __name__})
+
+
 # ---------------------------------------------------------------------------- the schema
 # The defaults are the values shipped in config.yaml (a test holds them equal).
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """The GPT-2 backbone. vocab_size is not a knob: the task decides it."""
-    n_layer: int = knob(2, "transformer blocks", ge=1)
-    n_head: int = knob(4, "attention heads per block", ge=1)
-    n_embd: int = knob(64, "width C of the residual stream", ge=1)
-    block_size: int = knob(32, "longest sequence the model accepts (positions)", ge=1)
-    dropout: float = knob(0.0, "dropout probability while training", ge=0, lt=1)
-    dtype: str = knob("float32", "float type of every array", choices=("float32", "float64"))
+ModelConfig = section_of(
+    GPTConfig, "ModelConfig",
+    "The GPT-2 backbone: model.GPTConfig's backbone knobs. vocab_size is not a knob: the task "
+    "decides it.",
+    names=["n_layer", "n_head", "n_embd", "block_size", "dropout", "dtype"])
 
 
-@dataclass(frozen=True)
-class TaskConfig:
-    """The synthetic source (language modelling) and target tasks (tasks.py)."""
-    n_tokens: int = knob(24, "vocabulary of the Markov chains", ge=2)
-    n_topics: int = knob(4, "number of chains (topics)", ge=2)
-    seq_len: int = knob(16, "tokens per sequence", ge=7)
-    concentration: float = knob(0.3, "Dirichlet concentration of chain rows (small = peaky)", gt=0)
-    relatedness: float = knob(1.0, "1 = target chains are the source chains, 0 = fresh ones",
-                              ge=0, le=1)
-    n_source_train: int = knob(50000, "source training sequences", ge=1)
-    n_source_val: int = knob(200, "source validation sequences", ge=1)
-    n_target_train: int = knob(48, "target training examples (small on purpose)", ge=1)
-    n_target_val: int = knob(128, "target validation examples", ge=1)
-    n_target_test: int = knob(512, "target test examples", ge=1)
-    min_len: int = knob(6, "shortest target sequence (the rest is padding); a tagging row "
-                           "needs two 3-token segments", ge=6)
-    target: str = knob("topic", "which target task", choices=TASK_TARGETS)
+TaskConfig = section_of(
+    TaskSpec, "TaskConfig",
+    "The synthetic source (language modelling) and target tasks: tasks.TaskSpec's knobs "
+    "(its seed is Config.seed), and which target.",
+    names=[f.name for f in dataclasses.fields(TaskSpec) if f.name != "seed"],
+    more=[("target", str, knob("topic", "which target task", choices=TASK_TARGETS))])
 
 
 @dataclass(frozen=True)
@@ -168,14 +161,11 @@ def finetune_for(config, strategy: str):
 def with_defaults(cls, name, doc, **defaults):
     """A subclass of the dataclass `cls` whose knobs keep their docs and rules but start
     at other defaults: one declaration of each knob serves several sections."""
-    fields = []
-    for f in dataclasses.fields(cls):
-        if f.name in defaults:
-            fields.append((f.name, f.type, field(default=defaults.pop(f.name), metadata=f.metadata)))
+    fields = [(f.name, f.type, field(default=defaults.pop(f.name), metadata=f.metadata))
+              for f in dataclasses.fields(cls) if f.name in defaults]
     if defaults:
         raise TypeError(f"{name}: {cls.__name__} has no knob {', '.join(defaults)}")
-    return dataclasses.make_dataclass(name, fields, bases=(cls,), frozen=True,
-                                      namespace={"__doc__": doc, "__module__": __name__})
+    return _make_section(name, doc, fields, bases=(cls,))
 
 
 PretrainConfig = with_defaults(
@@ -254,12 +244,10 @@ class AuxLMConfig:
 # as `python src/main.py --strategy all --seeds 0 1 2 --sweep lr` chose them on the
 # validation split (docs/results.md#learning-rates); config.yaml ships the same values.
 SWEPT_LR = {"scratch": 0.003, "feature_extractor": 0.001, "head_finetune": 0.0003, "full_finetune": 0.0001, "gradual_unfreeze": 0.001, "discriminative_lr": 0.001, "freeze_then_unfreeze": 0.0003, "bitfit": 0.0001, "sparse_mask": 0.0003, "lora": 0.0003, "ulmfit": 0.0001, "aux_lm": 0.0003}
-LearningRatesConfig = dataclasses.make_dataclass(
-    "LearningRatesConfig",
+LearningRatesConfig = _make_section(
+    "LearningRatesConfig", "Each strategy's own fine-tuning rate (0 = finetune.lr).",
     [(name, float, knob(SWEPT_LR.get(name, 0.0), f"{name}'s fine-tuning rate; 0 = finetune.lr", ge=0))
-     for name in STRATEGIES],
-    frozen=True, namespace={"__doc__": "Each strategy's own fine-tuning rate (0 = finetune.lr).",
-                            "__module__": __name__})
+     for name in STRATEGIES])
 
 
 @dataclass(frozen=True)
@@ -324,26 +312,25 @@ class Config:
         return _plain(self)
 
 
-# Rules that tie two knobs together, checked on the finished Config:
-# (key to blame, the other key, test that must hold, what the key must be).
+# Rules that tie two knobs together (knobs.Rule), checked on the finished Config: the ones
+# the model and task sections bring from their domain classes, and the one between them.
 # The message names the layer that set the later of the two keys.
 CROSS_CHECKS = (
-    ("model.n_embd", "model.n_head", lambda c: c.model.n_embd % c.model.n_head == 0,
-     lambda c: f"a multiple of model.n_head ({c.model.n_head})"),
-    ("task.seq_len", "model.block_size", lambda c: c.task.seq_len <= c.model.block_size,
-     lambda c: f"<= model.block_size ({c.model.block_size})"),
-    ("task.min_len", "task.seq_len", lambda c: c.task.min_len <= c.task.seq_len - 1,
-     lambda c: f"<= task.seq_len - 1 ({c.task.seq_len - 1}: one slot stays free for a CLS token)"),
-    ("data.source", "data.labelled", lambda c: c.data.source or not c.data.labelled,
-     lambda c: "a text file or folder (--source) with data.labelled: the text to pretrain on "
-               "and to measure forgetting on"),
-    ("data.labelled", "data.model", lambda c: c.data.labelled or not (c.data.model or c.data.source),
-     lambda c: "a labelled JSONL file (--data) with data.source or data.model"),
-    ("data.max_len", "model.block_size", lambda c: not c.data.labelled or c.data.model or c.data.max_len <= c.model.block_size,
-     lambda c: f"<= model.block_size ({c.model.block_size})"),
-    ("data.fractions", "data.fractions",
-     lambda c: len(c.data.fractions) == 3 and abs(sum(c.data.fractions) - 1) < 1e-9,
-     lambda c: "three numbers (train, val, test) that sum to 1"),
+    *(rule.within("model") for rule in GPTConfig.RULES),
+    Rule("task.seq_len", "model.block_size", lambda c: c.task.seq_len <= c.model.block_size,
+         lambda c, name: f"<= model.block_size ({c.model.block_size})"),
+    *(rule.within("task") for rule in TaskSpec.RULES),
+    Rule("data.source", "data.labelled", lambda c: c.data.source or not c.data.labelled,
+         lambda c, name: "a text file or folder (--source) with data.labelled: the text to "
+                         "pretrain on and to measure forgetting on"),
+    Rule("data.labelled", "data.model", lambda c: c.data.labelled or not (c.data.model or c.data.source),
+         lambda c, name: "a labelled JSONL file (--data) with data.source or data.model"),
+    Rule("data.max_len", "model.block_size",
+         lambda c: not c.data.labelled or c.data.model or c.data.max_len <= c.model.block_size,
+         lambda c, name: f"<= model.block_size ({c.model.block_size})"),
+    Rule("data.fractions", "data.fractions",
+         lambda c: len(c.data.fractions) == 3 and abs(sum(c.data.fractions) - 1) < 1e-9,
+         lambda c, name: "three numbers (train, val, test) that sum to 1"),
 )
 
 
@@ -504,11 +491,12 @@ def _build_from_layers(layers):
         checked = _check_section(Config, data, where, prefix="")
         _merge(merged, checked, origin, (number, where), prefix="")
     config = _construct(Config, merged)
-    for key, other, holds, must_be in CROSS_CHECKS:
-        if not holds(config):
-            _, where = max(origin.get(key, (-1, "defaults")), origin.get(other, (-1, "defaults")))
-            raise ConfigError(f"{where}: {key} must be {must_be(config)}, "
-                              f"got {_get(config, key)!r}")
+    for rule in CROSS_CHECKS:
+        message = rule.broken(config)
+        if message:
+            _, where = max(origin.get(rule.key, (-1, "defaults")),
+                           origin.get(rule.other, (-1, "defaults")))
+            raise ConfigError(f"{where}: {message}")
     return config
 
 
@@ -516,7 +504,7 @@ def _check_section(cls, data, where, prefix):
     """Check a mapping against dataclass `cls`; return the checked values it sets."""
     if not isinstance(data, Mapping):
         what = "the top level" if not prefix else prefix.rstrip(".")
-        raise ConfigError(f"{where}: {what} must be a mapping (section), got {_show(data)}")
+        raise ConfigError(f"{where}: {what} must be a mapping (section), got {show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     types = typing.get_type_hints(cls)
     checked = {}
@@ -533,67 +521,11 @@ def _check_section(cls, data, where, prefix):
 
 
 def _check_value(value, type_, rules, where, key):
-    """Check one value (a scalar, or a tuple[...] field given as a YAML list)."""
-    if typing.get_origin(type_) is tuple:
-        item_type = typing.get_args(type_)[0]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: {key} must be a list of {_NAMES[item_type][1]}, "
-                              f"got {_show(value)}")
-        if rules.get("nonempty") and not value:
-            raise ConfigError(f"{where}: {key} must not be empty")
-        value = tuple(_check_scalar(item, item_type, rules, where, f"{key}[{i}]")
-                      for i, item in enumerate(value))
-    else:
-        value = _check_scalar(value, type_, rules, where, key)
-        if rules.get("nonempty") and value == "":
-            raise ConfigError(f"{where}: {key} must not be empty")
-    return rules["expand"](value) if "expand" in rules else value
-
-
-# type -> (how a message names one, how it names several)
-_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
-          str: ("a string", "strings"), bool: ("true or false", "true/false values")}
-
-# type -> does this YAML value have it? True is an int in Python, but not a number here.
-_HAS_TYPE = {
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # 1 is fine
-    str: lambda v: isinstance(v, str),
-    bool: lambda v: isinstance(v, bool),
-}
-
-# bound rule -> (test, symbol); lower bounds first, so a pair reads "in [low, high)"
-_BOUNDS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="),
-           "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
-
-
-def _check_scalar(value, type_, rules, where, key):
-    """Type first, then choices, then bounds; returns the value (ints made floats)."""
-    if not _HAS_TYPE[type_](value):
-        raise ConfigError(f"{where}: {key} must be {_NAMES[type_][0]}, got {_show(value)}")
-    if type_ is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
-
-    if "choices" in rules and value not in rules["choices"]:
-        close = difflib.get_close_matches(str(value), rules["choices"], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}: {key} must be one of {', '.join(rules['choices'])}, "
-                          f"got {value!r}{hint}")
-    bounds = [(rule, rules[rule]) for rule in _BOUNDS if rule in rules]
-    if not all(_BOUNDS[rule][0](value, limit) for rule, limit in bounds):
-        raise ConfigError(f"{where}: {key} must be {_range_text(bounds)}, got {value!r}")
-    return value
-
-
-def _range_text(bounds):
-    """[('ge', 0), ('lt', 1)] -> 'in [0, 1)'; a single bound -> '> 0', '<= 1'."""
-    if len(bounds) == 2:
-        (low, a), (high, b) = bounds
-        return f"in {'(' if low == 'gt' else '['}{a}, {b}{')' if high == 'lt' else ']'}"
-    (rule, limit), = bounds
-    return f"{_BOUNDS[rule][1]} {limit}"
+    """Check one value against its knob's rules (knobs.check_value); name where it came from."""
+    try:
+        return check_value(value, type_, rules, key)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _unknown(name, key, fields, at_top):
@@ -631,12 +563,6 @@ def _nest(key, value):
     return value
 
 
-def _get(config, key):
-    for part in key.split("."):
-        config = getattr(config, part)
-    return config
-
-
 def _plain(obj):
     """Dataclasses -> dicts, tuples -> lists, recursively (JSON-able)."""
     if dataclasses.is_dataclass(obj):
@@ -646,16 +572,6 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
-
-
-def _show(value):
-    """How a wrong value is shown in a message: its type, then the value."""
-    if value is None:
-        return "nothing (null)"
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
 
 
 def _one_line(err):

@@ -21,6 +21,7 @@ tokenized once per process however many runs ask for it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
@@ -33,12 +34,10 @@ from .tasks import TaskSpec, make_source, make_target
 
 
 def task_spec(config) -> TaskSpec:
-    t = config.task
-    return TaskSpec(
-        n_tokens=t.n_tokens, n_topics=t.n_topics, seq_len=t.seq_len, concentration=t.concentration,
-        relatedness=t.relatedness, n_source_train=t.n_source_train, n_source_val=t.n_source_val,
-        n_target_train=t.n_target_train, n_target_val=t.n_target_val, n_target_test=t.n_target_test,
-        min_len=t.min_len, seed=config.seed)
+    """The config's task. The `task` section is TaskSpec's knobs (config.TaskConfig is made
+    from them) and `target`, which picks among the tasks; the world seed is config.seed."""
+    knobs = {k: v for k, v in dataclasses.asdict(config.task).items() if k != "target"}
+    return TaskSpec(**knobs, seed=config.seed)
 
 
 class SyntheticData:

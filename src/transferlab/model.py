@@ -38,6 +38,7 @@ from . import heads as H
 from . import masks as M
 from . import weights
 from .kernels import FAST, KernelTable, blas_threads, kernel_table
+from .knobs import Rule, check_knobs, check_value, knob
 from .layers import attention_mask
 from .lora import lora_linear_backward, lora_linear_forward
 from .losses import IGNORE_INDEX, cross_entropy, sigmoid, sigmoid_mse
@@ -63,18 +64,20 @@ BLOCK_PARAMS = (  # (name inside a block, shape as a function of C)
 class GPTConfig:
     """Everything that fixes the model's shapes and behaviour.
 
+    The backbone's knobs (block_size .. dtype) are declared here once, with their
+    defaults, docs and rules (knobs.py): config.yaml's `model` section is made of them.
     `head` picks the head: "lm" (next token), "token" (a class per token) or "sequence"
     (pool, then `sequence_output` "classify" into n_classes, or "score" in [0, 1]).
     `causal=None` means: causal for the LM head, bidirectional for the others.
     """
 
     vocab_size: int
-    block_size: int
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    dropout: float = 0.0
-    dtype: str = "float32"
+    block_size: int = knob(32, "longest sequence the model accepts (learned positions)", ge=1)
+    n_layer: int = knob(2, "transformer blocks", ge=1)
+    n_head: int = knob(4, "attention heads per block", ge=1)
+    n_embd: int = knob(64, "width C of the residual stream", ge=1)
+    dropout: float = knob(0.0, "dropout probability while training", ge=0, lt=1)
+    dtype: str = knob("float32", "float type of every array", choices=DTYPES)
     head: str = "lm"
     n_classes: int = 2
     pooling: str = "last"
@@ -91,17 +94,13 @@ class GPTConfig:
     lora_dropout: float = 0.0  # dropout on the input of each LoRA branch while training
     extra: dict = field(default_factory=dict)  # free-form notes carried into checkpoints
 
+    # The heads split the residual stream into n_head slices of equal width.
+    RULES = (Rule("n_embd", "n_head", lambda c: c.n_embd % c.n_head == 0,
+                  lambda c, name: f"a multiple of {name('n_head')} ({c.n_head})"),)
+
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check_knobs(self)  # the backbone's knobs and RULES; the fields below are checked here
+        check_value(self.vocab_size, int, {"ge": 1}, "GPTConfig.vocab_size")
         if self.head not in H.HEADS:
             raise ValueError(f"GPTConfig.head must be one of {H.HEADS}, got {self.head!r}")
         if self.pooling not in H.POOLINGS:
@@ -113,8 +112,6 @@ class GPTConfig:
             )
         if self.n_classes < 1 or (self.head != "lm" and self.n_outputs < 1):
             raise ValueError(f"GPTConfig.n_classes must be >= 1, got {self.n_classes}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"GPTConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):

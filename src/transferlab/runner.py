@@ -54,11 +54,10 @@ def pretrain_key(config) -> str:
 
 
 def backbone_config(config, data) -> GPTConfig:
-    """The LM our runner pretrains: config.model's shape, the data's vocabulary (a
-    tasks.TaskSpec or an experiment_data object: anything with vocab_size and pad_id)."""
-    m = config.model
-    return GPTConfig(vocab_size=data.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                     n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, dtype=m.dtype,
+    """The LM our runner pretrains: the `model` section is GPTConfig's backbone knobs
+    (config.ModelConfig is made from them); the data (a tasks.TaskSpec or an
+    experiment_data object) sets the vocabulary and PAD."""
+    return GPTConfig(**dataclasses.asdict(config.model), vocab_size=data.vocab_size,
                      head="lm", pad_id=data.pad_id)
 
 

@@ -19,11 +19,11 @@ append_cls). Everything derives from integer seeds. See docs/tasks.md.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from .knobs import Rule, check_knobs, check_value, knob
 from .losses import IGNORE_INDEX
 
 
@@ -75,22 +75,8 @@ def _rng(seed, *stream):
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=stream))
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value):
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
 def _check_seed(seed, name):
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {seed!r}")
-    return int(seed)
+    return int(check_value(seed, int, {"ge": 0}, name))
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,42 +85,36 @@ def _check_seed(seed, name):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Every knob of the synthetic world and of the data sets drawn from it."""
+    """Every knob of the synthetic world and of the data sets drawn from it.
 
-    n_tokens: int = 24  # chain alphabet size; PAD = n_tokens
-    n_topics: int = 4  # K Markov chains
-    seq_len: int = 32  # T: every array has this many columns
-    concentration: float = 0.1  # Dirichlet concentration of transition rows (small = distinctive)
-    relatedness: float = 1.0  # target chains: r * source + (1 - r) * fresh
-    n_source_train: int = 2000
-    n_source_val: int = 200
-    n_target_train: int = 64
-    n_target_val: int = 128
-    n_target_test: int = 512
-    min_len: int = 8  # target lengths are uniform in [min_len, seq_len - 1]
-    seed: int = 0  # the world: which chains exist (source and target chains derive from it)
+    Declared once, here: config.yaml's `task` section is these knobs (its seed is the
+    config's seed), with these defaults, docs and rules. So TaskSpec() is the shipped task.
+    """
+
+    n_tokens: int = knob(24, "vocabulary of the Markov chains (PAD = n_tokens)", ge=2)
+    n_topics: int = knob(4, "number of chains (topics)", ge=2)
+    seq_len: int = knob(16, "tokens per sequence (T: every array has this many columns)",
+                        ge=2 * MIN_SEGMENT + 1)
+    concentration: float = knob(0.3, "Dirichlet concentration of chain rows (small = peaky)", gt=0)
+    relatedness: float = knob(1.0, "1 = target chains are the source chains, 0 = fresh ones",
+                              ge=0, le=1)
+    n_source_train: int = knob(50000, "source training sequences", ge=1)
+    n_source_val: int = knob(200, "source validation sequences", ge=1)
+    n_target_train: int = knob(48, "target training examples (small on purpose)", ge=1)
+    n_target_val: int = knob(128, "target validation examples", ge=1)
+    n_target_test: int = knob(512, "target test examples", ge=1)
+    min_len: int = knob(6, "shortest target sequence (the rest is padding); a tagging row "
+                           "needs two 3-token segments", ge=2 * MIN_SEGMENT)
+    seed: int = knob(0, "the world: which chains exist (source and target chains derive "
+                        "from it)", ge=0)
+
+    # Target lengths are uniform in [min_len, seq_len - 1]: the last slot is kept for CLS.
+    RULES = (Rule("min_len", "seq_len", lambda s: s.min_len <= s.seq_len - 1,
+                  lambda s, name: f"<= {name('seq_len')} - 1 ({s.seq_len - 1}: one slot "
+                                  f"stays free for a CLS token)"),)
 
     def __post_init__(self):
-        def require(name, ok, allowed):
-            value = getattr(self, name)
-            if not ok(value):
-                raise ValueError(f"TaskSpec.{name} must be {allowed}, got {value!r}")
-
-        require("n_tokens", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
-        require("n_topics", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
-        shortest = 2 * MIN_SEGMENT  # a tagging row needs two segments of MIN_SEGMENT tokens
-        require("seq_len", lambda v: _is_int(v) and v > shortest, f"an integer >= {shortest + 1}")
-        require("concentration", lambda v: _is_real(v) and v > 0, "a finite number > 0")
-        require("relatedness", lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]")
-        sizes = ("n_source_train", "n_source_val", "n_target_train", "n_target_val", "n_target_test")
-        for name in sizes:
-            require(name, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-        require(
-            "min_len",
-            lambda v: _is_int(v) and shortest <= v <= self.seq_len - 1,
-            f"an integer in [{shortest}, {self.seq_len - 1}] (seq_len - 1 leaves a slot for CLS)",
-        )
-        require("seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+        check_knobs(self)
 
     @property
     def pad_id(self) -> int:
