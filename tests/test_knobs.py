@@ -1,20 +1,26 @@
 """knobs.py: each knob declared once and checked by one function.
 
 The task and model knobs are declared by the domain dataclasses (tasks.TaskSpec,
-model.GPTConfig); config.py makes its `task` and `model` sections from them, and the
-runner builds them back from a config. These tests hold the pieces together: one set of
-defaults (config.yaml's), one rule per knob in the same words from Python and from a
-config file, and a runner that hands the configured values on unchanged.
+model.GPTConfig); config.py makes its `task` and `model` sections from them, takes the
+new head's knobs (`finetune.pooling`, `label_smoothing`, `head_hidden`) and
+`strategies.lora.dropout` from GPTConfig, and the runner builds them back from a config.
+These tests hold the pieces together: one set of defaults (config.yaml's), one rule per
+knob in the same words from Python and from a config file, and a runner that hands the
+configured values on unchanged.
 """
 import dataclasses
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from transferlab import lora
 from transferlab import runner as R
-from transferlab.config import Config, ConfigError, ModelConfig, TaskConfig, load_config
+from transferlab import strategies as S
+from transferlab.config import (Config, ConfigError, FinetuneConfig, LoraConfig, ModelConfig,
+                                TaskConfig, load_config)
 from transferlab.knobs import Rule, check_value
 from transferlab.model import GPTConfig
 from transferlab.tasks import TaskSpec
@@ -52,6 +58,32 @@ def test_a_section_keeps_the_doc_and_rules_of_its_declaration():
             if f.name in declared:
                 assert f.metadata == declared[f.name], f.name
                 assert f.metadata["doc"], f.name
+
+
+# the knobs a section takes one by one from GPTConfig (config.knob_of): (section, its
+# name there, GPTConfig's name)
+TAKEN = [(FinetuneConfig, "pooling", "pooling"),
+         (FinetuneConfig, "label_smoothing", "label_smoothing"),
+         (FinetuneConfig, "head_hidden", "head_hidden"),
+         (LoraConfig, "dropout", "lora_dropout")]
+
+
+@pytest.mark.parametrize("section, name, declared", TAKEN, ids=[n for _, n, _ in TAKEN])
+def test_a_knob_taken_from_gpt_config_keeps_its_type_doc_and_rules(section, name, declared):
+    field = {f.name: f for f in dataclasses.fields(section)}[name]
+    gpt = {f.name: f for f in dataclasses.fields(GPTConfig)}[declared]
+    assert field.metadata == gpt.metadata and field.metadata["doc"]
+    assert typing.get_type_hints(section)[name] == typing.get_type_hints(GPTConfig)[declared]
+
+
+def test_the_finetune_and_lora_defaults_are_the_shipped_file():
+    finetune, lora_ = defaults(FinetuneConfig), defaults(LoraConfig)
+    for name in ("pooling", "attention", "label_smoothing", "head_hidden"):
+        assert finetune[name] == SHIPPED["finetune"][name], name
+    for name in ("r", "alpha", "dropout"):
+        assert lora_[name] == SHIPPED["strategies"]["lora"][name], name
+    # the target heads pool at a CLS token; a bare GPTConfig (the LM) keeps "last"
+    assert finetune["pooling"] == "cls" and defaults(GPTConfig)["pooling"] == "last"
 
 
 # --------------------------------------------------- one rule, from Python and from YAML
@@ -111,6 +143,33 @@ def test_a_bad_value_breaks_the_same_rule_from_yaml_and_from_python(in_tmp, sect
     assert from_python(cls, values) == f"{cls.__name__}.{words.format(cls.__name__ + '.')}"
 
 
+# The knobs finetune and strategies.lora take from GPTConfig, the same rule under two
+# names: (dotted key in the file, GPTConfig's field, a bad value, the words after the key)
+BAD_TAKEN = [
+    ("finetune.pooling", "pooling", "maen",
+     "must be one of cls, last, mean, attention, got 'maen' (did you mean 'mean'?)"),
+    ("finetune.pooling", "pooling", None, "must be a string, got nothing (null)"),
+    ("finetune.label_smoothing", "label_smoothing", 1.5, "must be in [0, 1), got 1.5"),
+    ("finetune.label_smoothing", "label_smoothing", -0.1, "must be in [0, 1), got -0.1"),
+    ("finetune.head_hidden", "head_hidden", -1, "must be >= 0, got -1"),
+    ("finetune.head_hidden", "head_hidden", 8.0, "must be an integer, got float 8.0"),
+    ("strategies.lora.dropout", "lora_dropout", 1, "must be in [0, 1), got 1.0"),
+    ("strategies.lora.dropout", "lora_dropout", True, "must be a number, got bool True"),
+]
+
+
+@pytest.mark.parametrize("key, declared, value, words", BAD_TAKEN,
+                         ids=[f"{k}={v!r}" for k, _, v, _ in BAD_TAKEN])
+def test_a_bad_head_or_lora_value_breaks_the_same_rule_from_yaml_and_from_gpt_config(
+        in_tmp, key, declared, value, words):
+    section, _, inner = key.partition(".")  # "strategies", "lora.dropout"
+    changes = value
+    for part in reversed(inner.split(".")):
+        changes = {part: changes}           # {"lora": {"dropout": value}}
+    assert from_yaml(in_tmp, section, changes) == f"config.yaml: {key} {words}"
+    assert from_python(GPTConfig, {declared: value}) == f"GPTConfig.{declared} {words}"
+
+
 def test_the_rule_between_sections_is_the_configs():
     # task.seq_len <= model.block_size spans two sections: config.py declares it
     with pytest.raises(ConfigError, match=r"^--set: task.seq_len must be <= model.block_size \(32\), got 40$"):
@@ -156,3 +215,18 @@ def test_task_spec_and_backbone_config_take_every_configured_value():
     assert R.backbone_config(config, spec) == GPTConfig(
         vocab_size=11, block_size=24, n_layer=3, n_head=2, n_embd=8, dropout=0.1,
         dtype="float64", head="lm", pad_id=10)
+
+
+def test_the_target_model_takes_the_head_knobs_and_the_lora_dropout_of_the_config():
+    config = load_config(overrides=[
+        "finetune.pooling=mean", "finetune.attention=bidirectional",
+        "finetune.label_smoothing=0.1", "finetune.head_hidden=8", "strategies.lora.dropout=0.2",
+        "model.n_layer=1", "model.n_embd=8", "model.n_head=2"], env=False)
+    data = R.experiment_data(config)
+    model = R.target_model(config, data, 4, None, seed=0, random_init=True)
+    plan = S.build_plan("lora", steps=10, n_layer=1, knobs=config.strategies)
+    lora.attach(model, **plan.lora)
+    cfg = model.config
+    assert (cfg.pooling, cfg.causal, cfg.label_smoothing, cfg.head_hidden, cfg.lora_dropout) == \
+        ("mean", False, 0.1, 8, 0.2)
+    assert (cfg.lora_r, cfg.lora_alpha) == (config.strategies.lora.r, config.strategies.lora.alpha)

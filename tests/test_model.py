@@ -233,7 +233,7 @@ def test_bad_token_input(idx, message):
     [
         (dict(n_embd=10, n_head=4), "GPTConfig.n_embd must be a multiple of GPTConfig.n_head (4), got 10"),
         (dict(head="regression"), "head must be one of ('lm', 'token', 'sequence'), got 'regression'"),
-        (dict(head="sequence", pooling="max"), "pooling must be one of ('cls', 'last', 'mean', 'attention'), got 'max'"),
+        (dict(head="sequence", pooling="max"), "GPTConfig.pooling must be one of cls, last, mean, attention, got 'max'"),
         (dict(dtype="float16"), "GPTConfig.dtype must be one of float32, float64, got 'float16'"),
         (dict(n_layer=0), "GPTConfig.n_layer must be >= 1, got 0"),
         (dict(n_layer=2.0), "GPTConfig.n_layer must be an integer, got float 2.0"),

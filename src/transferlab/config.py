@@ -10,8 +10,9 @@ walker (`_check_section`) checks any mapping against any of these dataclasses, e
 with `knobs.check_value`. The `model` and `task` sections are not declared here: they are
 made (`section_of`) from the fields of model.GPTConfig and tasks.TaskSpec, which declare
 those knobs and check them with the same function, and their rules between two knobs
-join CROSS_CHECKS. So adding a knob is one line in the dataclass it belongs to and one
-commented line in config.yaml, never a new `if`.
+join CROSS_CHECKS. The new head's knobs in `finetune` and `strategies.lora.dropout` are
+GPTConfig's too, taken one by one (`knob_of`). So adding a knob is one line in the
+dataclass it belongs to and one commented line in config.yaml, never a new `if`.
 
 A bad value raises `ConfigError` with one line that names where the value came from and
 its dotted key:
@@ -36,7 +37,6 @@ from pathlib import Path
 
 import yaml
 
-from .heads import POOLINGS
 from .knobs import Rule, check_value, knob, show
 from .lora import TARGETS as LORA_TARGETS
 from .model import GPTConfig
@@ -71,13 +71,24 @@ def _expand_all(names):
     return tuple(expanded)
 
 
+def knob_of(cls, name, default=dataclasses.MISSING):
+    """The knob `name` that the dataclass `cls` declares, for a config section: the same
+    doc and rules, and the same default unless `default` gives the section its own.
+
+        pooling: str = knob_of(GPTConfig, "pooling", default="cls")
+    """
+    declared, = (f for f in dataclasses.fields(cls) if f.name == name)
+    if default is dataclasses.MISSING:
+        default = declared.default
+    return field(default=default, metadata=declared.metadata)
+
+
 def section_of(cls, name, doc, names, more=()):
     """A config section made of the knobs `names` of the dataclass `cls` (in that order),
     each with the type, default, doc and rules declared there, then the knobs `more`
     ((name, type, knob) triples). The domain class stays the one declaration of each knob."""
-    types, knobs = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
-    fields = [(n, types[n], field(default=knobs[n].default, metadata=knobs[n].metadata))
-              for n in names]
+    types = typing.get_type_hints(cls)
+    fields = [(n, types[n], knob_of(cls, n)) for n in names]
     return _make_section(name, doc, fields + list(more))
 
 
@@ -178,12 +189,15 @@ PretrainConfig = with_defaults(
 @dataclass(frozen=True)
 class FinetuneConfig(TrainingConfig):
     """Training on the target task: the training knobs (TrainingConfig's defaults), and the
-    new head's knobs. Shared by every strategy."""
-    pooling: str = knob("cls", "sequence pooling", choices=POOLINGS)
+    new head's knobs, which model.GPTConfig declares (the target model's config is made
+    from them, runner.target_model). Shared by every strategy."""
+    pooling: str = knob_of(GPTConfig, "pooling", default="cls")
+    # Not GPTConfig.causal, whose None means "causal for the LM head only": a target head is
+    # told which mask, in words; runner.target_model sets causal=(attention == "causal")
     attention: str = knob("causal", "attention mask of the target heads",
                           choices=("causal", "bidirectional"))
-    label_smoothing: float = knob(0.0, "classification label smoothing eps", ge=0, lt=1)
-    head_hidden: int = knob(0, "0 = linear head, else the hidden width of an MLP head", ge=0)
+    label_smoothing: float = knob_of(GPTConfig, "label_smoothing")
+    head_hidden: int = knob_of(GPTConfig, "head_hidden")
 
 
 @dataclass(frozen=True)
@@ -220,10 +234,13 @@ class SparseMaskConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
+    """The adapters the lora strategy attaches (lora.attach), which records them in the
+    model's GPTConfig as lora_r, lora_alpha and lora_dropout."""
+    # r and alpha are not GPTConfig.lora_r and lora_alpha: those describe the adapters a
+    # model holds, 0 for none; the strategy always attaches some, so r >= 1 and alpha > 0
     r: int = knob(8, "rank of each adapter (PEFT's r)", ge=1)
     alpha: float = knob(16.0, "the update is scaled by alpha / r (PEFT's lora_alpha)", gt=0)
-    dropout: float = knob(0.0, "dropout on the input of each LoRA branch (PEFT's lora_dropout)",
-                          ge=0, lt=1)
+    dropout: float = knob_of(GPTConfig, "lora_dropout")
     targets: tuple[str, ...] = knob(("attn.c_attn",), "the linear modules that get adapters "
                                     "(PEFT's target_modules for GPT-2)", choices=LORA_TARGETS,
                                     nonempty=True)

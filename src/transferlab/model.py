@@ -64,8 +64,10 @@ BLOCK_PARAMS = (  # (name inside a block, shape as a function of C)
 class GPTConfig:
     """Everything that fixes the model's shapes and behaviour.
 
-    The backbone's knobs (block_size .. dtype) are declared here once, with their
-    defaults, docs and rules (knobs.py): config.yaml's `model` section is made of them.
+    The fields that are knobs are declared here once, with their defaults, docs and rules
+    (knobs.py): the backbone's (block_size .. dtype) make config.yaml's `model` section;
+    the head's (pooling, head_hidden, label_smoothing) are `finetune`'s knobs, and
+    lora_dropout is `strategies.lora.dropout` (config.py takes them with `knob_of`).
     `head` picks the head: "lm" (next token), "token" (a class per token) or "sequence"
     (pool, then `sequence_output` "classify" into n_classes, or "score" in [0, 1]).
     `causal=None` means: causal for the LM head, bidirectional for the others.
@@ -80,18 +82,20 @@ class GPTConfig:
     dtype: str = knob("float32", "float type of every array", choices=DTYPES)
     head: str = "lm"
     n_classes: int = 2
-    pooling: str = "last"
+    pooling: str = knob("last", "how a sequence head pools the hidden states into one vector",
+                        choices=H.POOLINGS)
     sequence_output: str = "classify"
-    head_hidden: int = 0
+    head_hidden: int = knob(0, "0 = linear head, else the hidden width of an MLP head", ge=0)
     causal: bool | None = None
     tie_weights: bool = True
     pad_id: int | None = None
     cls_id: int | None = None
-    label_smoothing: float = 0.0
+    label_smoothing: float = knob(0.0, "classification label smoothing eps", ge=0, lt=1)
     init_std: float = 0.02
     lora_r: int = 0  # LoRA rank of the adapters the params hold (lora.attach); 0 = none
     lora_alpha: float = 0.0  # LoRA scale s = lora_alpha / lora_r
-    lora_dropout: float = 0.0  # dropout on the input of each LoRA branch while training
+    lora_dropout: float = knob(0.0, "dropout on the input of each LoRA branch while training "
+                                    "(PEFT's lora_dropout)", ge=0, lt=1)
     extra: dict = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     # The heads split the residual stream into n_head slices of equal width.
@@ -99,12 +103,10 @@ class GPTConfig:
                   lambda c, name: f"a multiple of {name('n_head')} ({c.n_head})"),)
 
     def __post_init__(self):
-        check_knobs(self)  # the backbone's knobs and RULES; the fields below are checked here
+        check_knobs(self)  # the knob fields and RULES; the other fields are checked here
         check_value(self.vocab_size, int, {"ge": 1}, "GPTConfig.vocab_size")
         if self.head not in H.HEADS:
             raise ValueError(f"GPTConfig.head must be one of {H.HEADS}, got {self.head!r}")
-        if self.pooling not in H.POOLINGS:
-            raise ValueError(f"GPTConfig.pooling must be one of {H.POOLINGS}, got {self.pooling!r}")
         if self.sequence_output not in H.SEQUENCE_OUTPUTS:
             raise ValueError(
                 f"GPTConfig.sequence_output must be one of {H.SEQUENCE_OUTPUTS}, "
@@ -112,15 +114,9 @@ class GPTConfig:
             )
         if self.n_classes < 1 or (self.head != "lm" and self.n_outputs < 1):
             raise ValueError(f"GPTConfig.n_classes must be >= 1, got {self.n_classes}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"GPTConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.lora_r < 0 or (self.lora_r and self.lora_alpha <= 0):
             raise ValueError(f"GPTConfig.lora_r must be >= 0 and lora_alpha > 0 with it, "
                              f"got lora_r={self.lora_r}, lora_alpha={self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"GPTConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.head_hidden < 0:
-            raise ValueError(f"GPTConfig.head_hidden must be >= 0, got {self.head_hidden}")
         if self.head == "sequence" and self.pooling == "cls" and self.cls_id is None:
             raise ValueError("GPTConfig.cls_id must be set for pooling='cls'")
         for name in ("pad_id", "cls_id"):
