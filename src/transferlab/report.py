@@ -251,8 +251,11 @@ def table(summary: list[dict], pretrained_loss: float | None, references: list[d
     """The comparison table printed at the end of a run: strategies, then the references
     (chance, the count baseline, the Bayes ceiling) computed on the same test splits."""
     metric = summary[0]["metric"]
+    # the count columns grow with the model (GPT-2's 124,442,114), always a space apart
+    wt = max(10, 1 + max(len(f"{r['trainable_params']:,}") for r in summary))
+    wo = max(8, 1 + max(len(f"{r['total_params']:,}") for r in summary))
     head = (f"{'strategy':<21} {'relat.':>6} {metric + ' (test)':>17} {'vs scratch':>16} "
-            f"{'source LM loss':>17} {'trainable':>10} {'of':>8} {'sec':>6}")
+            f"{'source LM loss':>17} {'trainable':>{wt}} {'of':>{wo}} {'sec':>6}")
     lines = [head, "-" * len(head)]
     for r in summary:
         gain = r.get("vs_scratch")
@@ -260,7 +263,7 @@ def table(summary: list[dict], pretrained_loss: float | None, references: list[d
         lines.append(
             f"{r['strategy']:<21} {_relatedness(r['relatedness'])} {r['mean']:>9.4f} +- {r['std']:<5.3f}"
             f"{gain_text}{r['source_lm_loss_mean']:>10.4f} +- {r['source_lm_loss_std']:<5.3f}"
-            f"{r['trainable_params']:>10,} {r['total_params']:>8,} {r['seconds_mean']:>6.2f}")
+            f"{r['trainable_params']:>{wt},} {r['total_params']:>{wo},} {r['seconds_mean']:>6.2f}")
     if references:
         lines.append("-" * len(head))
         for r in references:
