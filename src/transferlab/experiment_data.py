@@ -98,6 +98,10 @@ class FileData:
         self._source = D.source_splits(self.text, self.vocab, seq_len=d.max_len,
                                        val_fraction=d.source_val_fraction, seed=config.seed,
                                        max_val=d.source_val_max)
+        # the contents, hashed once: the cache key and every fingerprint read them
+        with open(self.labelled.path, "rb") as f:
+            self.labelled_sha256 = hashlib.sha256(f.read()).hexdigest()
+        self.source_sha256 = hashlib.sha256(self.text.encode("utf-8")).hexdigest()
         self.kind = self.labelled.kind
         self.vocab_size, self.pad_id = self.vocab.vocab_size, self.vocab.pad_id
         # ByteVocab has a CLS id of its own; GPT-2 has none, so CLS is a new row
@@ -117,15 +121,12 @@ class FileData:
 
     def pretrain_identity(self) -> dict:
         d = self.config.data
-        return {"source": {"sha256": hashlib.sha256(self.text.encode("utf-8")).hexdigest(),
-                           "vocab": self.vocab.name, "window": d.max_len,
+        return {"source": {"sha256": self.source_sha256, "vocab": self.vocab.name, "window": d.max_len,
                            "val_fraction": d.source_val_fraction, "val_max": d.source_val_max}}
 
     def identity(self) -> dict:
         """The files' contents, for the fingerprints: an edited file is another experiment."""
-        with open(self.labelled.path, "rb") as f:
-            labelled = hashlib.sha256(f.read()).hexdigest()
-        return {"labelled": labelled, **self.pretrain_identity()}
+        return {"labelled": self.labelled_sha256, **self.pretrain_identity()}
 
     def record(self) -> dict:
         d, s, t = self.config.data, self._source, self._target

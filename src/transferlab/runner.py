@@ -154,12 +154,15 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
             fingerprint: dict | None = None) -> dict:
     """One strategy, one seed: one entry of the results JSON's `results` list (docs/API.md, Runner).
 
+    pretrained: the pretrained Checkpoint, or its path (our .npz or a Hugging Face folder);
     overall: the experiment's report.Overall (run k of N); fingerprint: the run's
     journal.run_config, recorded in its checkpoint so a resume can be checked against it."""
+    if not isinstance(pretrained, C.Checkpoint):  # a path: read once for the whole run
+        pretrained = load_pretrained(pretrained)
     world = experiment_data(config)
     kind = world.kind
     target = world.target(seed)
-    n_layer = C.as_checkpoint(pretrained).config["n_layer"]  # GPT-2's 12 with --model
+    n_layer = pretrained.config["n_layer"]  # GPT-2's 12 with --model
     plan = S.build_plan(strategy, config.finetune.steps, n_layer, config.strategies)
     start = lm_stage(config, plan, world, target, pretrained, seed) if plan.lm_stage_steps else None
     model = target_model(config, world, target.n_classes, pretrained, seed, start,
@@ -239,7 +242,7 @@ def check_fits(ckpt, data, config) -> None:
     if V != data.vocab_size:
         raise ConfigError(f"{ckpt.path}: the model has {V} token embeddings, the vocabulary of the data "
                           f"has {data.vocab_size} tokens (a GPT-2 folder's vocab.json must match its weights)")
-    if data.relatedness is None and config.data.max_len > T:
+    if config.data.labelled and config.data.max_len > T:
         raise ConfigError(f"data.max_len must be <= {T}, the context of {ckpt.path}, got {config.data.max_len}")
 
 
@@ -433,7 +436,7 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None, executo
     world = experiment_data(config)  # files are read and checked here, before any work
     pre_id = pretrained_id(config, pretrained)
     fingerprint = {"config": J.result_config(config), "sweep": sweep, "pretrained": pre_id}
-    if world.identity():
+    if world.identity() is not None:  # file data: the files' contents
         fingerprint["data"] = world.identity()
     journal = J.Journal(Path(config.runner.cache_dir) / "journal", config_hash(fingerprint))
     if resume:
@@ -533,7 +536,7 @@ def _grid(points, sweep, pre_id: str, world) -> list[RunTask]:
                 index = len(tasks)  # makes the name unique whatever the sweep varies
                 tasks.append(RunTask(
                     index, cfg, strategy, seed, str(run_checkpoint_path(cfg, strategy, seed, sweep)),
-                    J.Journal.run_name(index, strategy, seed, world.relatedness if sweep != "relatedness"
+                    J.Journal.run_name(index, strategy, seed, None if world.relatedness is None
                                        else float(cfg.task.relatedness)),
                     J.run_config(cfg, strategy, seed, pre_id, data_id)))
     return tasks
@@ -603,7 +606,7 @@ def _resume(config, resume, pretrained, progress) -> int:
     if "run_config" in extra:
         J.refuse(f"run checkpoint {resume}", extra["run_config"], fingerprint)
     source_val = experiment_data(cfg).source().val
-    entry = run_one(cfg, extra["strategy"], extra["seed"], load_pretrained(path), source_val, progress,
+    entry = run_one(cfg, extra["strategy"], extra["seed"], path, source_val, progress,
                     resume=resume, checkpoint=resume, fingerprint=fingerprint)
     write_json_atomic(config.runner.output, {"config": cfg.to_dict(), "results": [entry]},
                       knob=OUTPUT_KNOBS["output"])
