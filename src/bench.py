@@ -362,7 +362,7 @@ def bench_size(name, repeat, torch=None, spec=None, peak_n=1024, threads=1,
     def np_train():
         opt.step(np_fwd_bwd())
 
-    def in_parts(fn, n):  # the same model, its backbone on n batch parts in n threads
+    def in_parts(fn, n):  # the same model, the whole step on n batch parts in n threads
         def run():
             model.batch_threads = n
             try:
@@ -485,7 +485,8 @@ def rss_child(name: str, side: str, threads: int) -> dict:
     torch = import_torch() if side == "torch" else None
     set_threads(threads, torch)
     model, idx, targets = lm_batch(spec)
-    if side == "numpy":
+    if side in ("numpy", "numpy_threads"):
+        model.batch_threads = threads if side == "numpy_threads" else 1
         opt = make_adamw(model.params)
 
         def step():
@@ -512,9 +513,11 @@ def rss_child(name: str, side: str, threads: int) -> dict:
 
 def peak_rss(name: str, threads: int, use_torch: bool) -> dict:
     """Peak RSS (MB) of a training step for each side, each in a fresh subprocess
-    (`rss_child`): numpy_mb, torch_mb, ratio; the RSS before the step beside each."""
+    (`rss_child`): numpy_mb, torch_mb, ratio; the RSS before the step beside each; with
+    threads > 1 also numpy_threads_mb, the step with GPT(..., batch_threads=threads)."""
     res = {}
-    for side in ("numpy", "torch") if use_torch else ("numpy",):
+    sides = ["numpy"] + (["numpy_threads"] if threads > 1 else []) + (["torch"] if use_torch else [])
+    for side in sides:
         done = subprocess.run([sys.executable, __file__, "--rss-child", name, side,
                                "--threads", str(threads)], capture_output=True, text=True)
         if done.returncode != 0:
@@ -525,7 +528,73 @@ def peak_rss(name: str, threads: int, use_torch: bool) -> dict:
         res[f"{side}_before_step_mb"] = child["rss_before_step_mb"]
     if use_torch:
         res["ratio"] = res["numpy_mb"] / res["torch_mb"]
+        if "numpy_threads_mb" in res:
+            res["ratio_threads"] = res["numpy_threads_mb"] / res["torch_mb"]
     return res
+
+
+def malloc_child(name: str, mode: str, repeat: int) -> dict:
+    """What a fresh process does for `malloc_comparison`: training steps of one size at one
+    BLAS thread, with glibc's own allocator settings (mode "glibc": GPT() is kept from
+    calling kernels.reuse_freed_memory) or with reuse_freed_memory's (mode "reuse"); the
+    page faults (minor: a page mapped in) per step and the median CPU time of a step."""
+    import transferlab.model
+
+    if mode == "glibc":
+        transferlab.model.reuse_freed_memory = lambda: False
+    set_threads(1)
+    model, idx, targets = lm_batch(SIZES[name])
+    opt = make_adamw(model.params)
+
+    def step():
+        model(idx, targets)
+        opt.step(model.backward())
+
+    step()
+    step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        step()
+        times.append(time.process_time() - t0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {"size": name, "mode": mode, "faults_per_step": faults / repeat,
+            "cpu_ms": statistics.median(times) * 1e3}
+
+
+def malloc_comparison(sizes, repeat: int, rounds: int = 3) -> dict:
+    """A training step's page faults and CPU time with glibc's allocator settings and with
+    kernels.reuse_freed_memory, in fresh processes (the setting is per process), rounds
+    alternating the order; medians over the rounds."""
+    result = {}
+    for name in sizes:
+        runs = {"glibc": [], "reuse": []}
+        for r in range(rounds):
+            for mode in ("glibc", "reuse") if r % 2 == 0 else ("reuse", "glibc"):
+                done = subprocess.run([sys.executable, __file__, "--malloc-child", name, mode,
+                                       "--repeat", str(repeat)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"bench.py: the {mode} malloc child for {name} failed: "
+                                       f"{done.stderr.strip()[-500:]}")
+                runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        row = {}
+        for mode, children in runs.items():
+            row[f"{mode}_faults_per_step"] = statistics.median(c["faults_per_step"] for c in children)
+            row[f"{mode}_cpu_ms"] = statistics.median(c["cpu_ms"] for c in children)
+        row["gain"] = row["glibc_cpu_ms"] / row["reuse_cpu_ms"]
+        result[name] = row
+    return result
+
+
+def format_malloc(result) -> str:
+    lines = ["a training step at one BLAS thread, fresh process per run, medians: page faults "
+             "per step and CPU ms, glibc's allocator settings against kernels.reuse_freed_memory",
+             f"{'size':8}{'glibc faults':>13}{'glibc ms':>10}{'reuse faults':>13}{'reuse ms':>10}{'gain':>7}"]
+    for name, r in result.items():
+        lines.append(f"{name:8}{r['glibc_faults_per_step']:13.0f}{r['glibc_cpu_ms']:10.1f}"
+                     f"{r['reuse_faults_per_step']:13.0f}{r['reuse_cpu_ms']:10.1f}{r['gain']:6.2f}x")
+    return "\n".join(lines)
 
 
 def bench_scaling(repeat, torch=None, base=SCALING_BASE, Ts=SCALING_T, batches=SCALING_BATCH) -> dict:
@@ -941,7 +1010,7 @@ def format_report(result) -> str:
         "",
         f"{th['requested']} thread(s): wall ms | 1 thread: CPU ms | CPU use in cores during "
         "the timed calls: numpy, torch, other processes",
-        f"batch/N rows: the same NumPy model with GPT(..., batch_threads=N), the backbone on N "
+        f"batch/N rows: the same NumPy model with GPT(..., batch_threads=N), the whole step on N "
         "parts of the batch in N threads (BLAS at 1 thread each)",
         f"{'size':7} {'step':10} {'numpy ms':>9} {'torch ms':>9} {'np/torch':>8} {'best':>6} | "
         f"{'np cpu':>8} {'tch cpu':>8} {'np/torch':>8} | {'np':>4} {'torch':>5} {'others':>6} | "
@@ -974,12 +1043,14 @@ def format_report(result) -> str:
         lines += ["", "peak RSS of a training step (fresh process per side, VmHWM; "
                   "weights shared, so counted once on both sides):",
                   f"{'size':7} {'numpy MB':>9} {'torch MB':>9} {'np/torch':>8} "
-                  f"{'np setup':>9} {'tch setup':>9}"]
+                  f"{'np setup':>9} {'tch setup':>9} {'batch/N MB':>10} {'np/torch':>8}"]
         for name, r in result["peak_rss"].items():
             lines.append(f"{name:7} {r['numpy_mb']:9.0f} {_fmt(r.get('torch_mb'), '9.0f')} "
                          f"{_fmt(r.get('ratio'), '8.2f')} {r['numpy_before_step_mb']:9.0f} "
-                         f"{_fmt(r.get('torch_before_step_mb'), '9.0f')}")
-        lines.append("setup: RSS before the first step (imports, weights, optimizer state)")
+                         f"{_fmt(r.get('torch_before_step_mb'), '9.0f')} "
+                         f"{_fmt(r.get('numpy_threads_mb'), '10.0f')} {_fmt(r.get('ratio_threads'), '8.2f')}")
+        lines.append("setup: RSS before the first step (imports, weights, optimizer state); "
+                     "batch/N: the step with GPT(..., batch_threads=N)")
     if "scaling" in result:
         sc = result["scaling"]
         lines += ["", f"scaling, fwd+bwd, base size {sc['base']}:",
@@ -1085,6 +1156,10 @@ def main(argv=None) -> int:
                         help="instead: each fast kernel against its plain and in-place forms")
     parser.add_argument("--generate", action="store_true",
                         help="instead: KV-cached generation tokens/s against Hugging Face's generate")
+    parser.add_argument("--malloc", action="store_true",
+                        help="instead: a step's page faults and CPU time with glibc's allocator "
+                             "settings and with reuse_freed_memory's (fresh processes)")
+    parser.add_argument("--malloc-child", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--rss-child", nargs=2, metavar=("SIZE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -1097,10 +1172,15 @@ def main(argv=None) -> int:
     if args.rss_child:
         print(json.dumps(rss_child(*args.rss_child, args.threads or available_cores())))
         return 0
-    if args.kernels:
-        result = kernel_gains(args.sizes, args.repeat)
+    if args.malloc_child:
+        print(json.dumps(malloc_child(*args.malloc_child, args.repeat)))
+        return 0
+    if args.malloc or args.kernels:  # one comparison instead of the benchmark
+        measure, report = ((malloc_comparison, format_malloc) if args.malloc
+                           else (kernel_gains, format_kernel_gains))
+        result = measure(args.sizes, args.repeat)
         print(f"load average (1, 5, 15 min): {load_average()}")
-        print(format_kernel_gains(result))
+        print(report(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0

@@ -92,6 +92,10 @@ def test_two_threads_time_the_batch_parts_and_a_one_thread_pass(restore_threads)
         if torch is not None:
             assert s["ratio_threads"] == pytest.approx(s["numpy_threads_ms"] / s["torch_ms"])
             assert s["one_thread"]["ratio_cpu"] > 0
+    rss = bench.peak_rss("tiny", 2, torch is not None)  # the batch-parts step's own child
+    assert rss["numpy_threads_mb"] >= rss["numpy_threads_before_step_mb"] > 0
+    if torch is not None:
+        assert rss["ratio_threads"] == pytest.approx(rss["numpy_threads_mb"] / rss["torch_mb"])
 
 
 def test_rested_alternates_the_order_and_rests_before_every_timed_call():
@@ -200,3 +204,14 @@ def test_generate_bench_reports_tokens_per_second_and_agrees_with_hugging_face(t
     if torch is not None:
         assert tiny["same_tokens"] is True and tiny["torch_tokens_per_s"] > 0
         assert tiny["speed_ratio"] == pytest.approx(tiny["numpy_tokens_per_s"] / tiny["torch_tokens_per_s"])
+
+
+def test_reusing_freed_memory_removes_the_page_faults_of_every_step():
+    """kernels.reuse_freed_memory (GPT() calls it): a training step stops page-faulting
+    its temporaries in, where glibc's own settings fault thousands of pages per step
+    (counted by the kernel, fresh processes: not a timing)."""
+    row = bench.malloc_comparison(["tiny"], repeat=2, rounds=1)["tiny"]
+    assert row["glibc_faults_per_step"] > 1000  # the tiny step's temporaries, mapped afresh
+    assert row["reuse_faults_per_step"] < 0.01 * row["glibc_faults_per_step"]
+    assert row["glibc_cpu_ms"] > 0 and row["reuse_cpu_ms"] > 0
+    assert "reuse faults" in bench.format_malloc({"tiny": row})

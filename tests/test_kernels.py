@@ -229,15 +229,27 @@ def _loss_and_grads(model, idx, y, mask=None):
     return logits, loss, model.backward()
 
 
-@pytest.mark.parametrize("head, frozen", [("lm", False), ("sequence", False), ("lm", True)])
-def test_batch_parts_in_threads_give_the_one_thread_numbers(head, frozen):
+@pytest.mark.parametrize("head, frozen, smoothing", [
+    ("lm", False, 0.0), ("sequence", False, 0.1), ("score", False, 0.0), ("token", False, 0.0),
+    ("lm", True, 0.0)])
+def test_batch_parts_in_threads_give_the_one_thread_numbers(head, frozen, smoothing):
+    """The whole step in parts (backbone, head, loss, backward): each part divides by the
+    whole batch's count, so loss, logits and every gradient equal the one-thread numbers,
+    also when the parts count different numbers of targets (padding, ignored positions)."""
     from transferlab import masks as M
 
+    kind = dict(head="sequence", sequence_output="score") if head == "score" else dict(head=head)
     cfg = GPTConfig(vocab_size=11, block_size=70, n_layer=2, n_head=2, n_embd=8, dtype="float64",
-                    head=head, n_classes=3, pooling="mean")
+                    n_classes=3, pooling="mean", label_smoothing=smoothing, **kind)
     r = np.random.default_rng(6)
     idx = r.integers(0, 11, (5, 70))  # 5 rows: parts of 2 and 3; T = 70 > a tile of 64
-    y = r.integers(0, 11, (5, 70)) if head == "lm" else r.integers(0, 3, 5)
+    if head == "lm":
+        y = r.integers(0, 11, (5, 70))
+        y[:2, 5:] = -100  # the first part counts far fewer positions than the second
+    elif head == "token":
+        y = r.integers(0, 3, (5, 70))
+    else:
+        y = r.random(5) if head == "score" else r.integers(0, 3, 5)
     mask = None if head == "lm" else (np.arange(70)[None, :] < np.array([70, 40, 3, 70, 66])[:, None])
     one, two = GPT(cfg, seed=2), GPT(cfg, seed=2, batch_threads=2)
     if frozen:
@@ -250,6 +262,23 @@ def test_batch_parts_in_threads_give_the_one_thread_numbers(head, frozen):
     for name in g1:
         np.testing.assert_allclose(g2[name], g1[name], rtol=1e-10, atol=1e-13, err_msg=name)
     assert _loss_and_grads(two, idx, y, mask)[1] == loss2  # run after run: the same numbers
+    # without targets (evaluation) the parts give the same logits, and nothing to backward
+    np.testing.assert_allclose(two(idx, attention_mask=mask)[0], l1, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="needs a forward pass with targets"):
+        two.backward()
+
+
+def test_batch_parts_in_float32_equal_the_one_thread_numbers_to_float32_rounding():
+    cfg = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16)
+    r = np.random.default_rng(8)
+    idx, y = r.integers(0, 50, (6, 32)), r.integers(0, 50, (6, 32))
+    one, two = GPT(cfg, seed=4), GPT(cfg, seed=4, batch_threads=2)
+    _, loss1, g1 = _loss_and_grads(one, idx, y)
+    _, loss2, g2 = _loss_and_grads(two, idx, y)
+    assert loss2 == pytest.approx(loss1, rel=1e-6)
+    for name in g1:
+        assert g2[name].dtype == np.float32
+        np.testing.assert_allclose(g2[name], g1[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_batch_threads_fall_back_to_one_thread_under_dropout_and_are_validated():

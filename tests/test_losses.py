@@ -240,3 +240,23 @@ def test_float32_helpers_stay_float32():
     z = rng(11).standard_normal((3, K)).astype(np.float32)
     assert log_softmax(z).dtype == np.float32
     assert sigmoid(z).dtype == np.float32
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_parts_that_divide_by_the_whole_count_add_up_to_the_whole_batch(smoothing):
+    """cross_entropy(..., count=N) and sigmoid_mse(..., count=N) on parts of a batch: the
+    losses sum, and the gradients stack, to the whole batch's (float64), also when the
+    parts count different numbers of positions."""
+    r = np.random.default_rng(3)
+    z, y = r.standard_normal((6, 5, 7)), r.integers(0, 7, (6, 5))
+    y[:2, 1:] = -100  # the first part counts 2 positions, the second 20
+    whole, dwhole = cross_entropy(z, y, label_smoothing=smoothing)
+    n = int((y != -100).sum())
+    parts = [cross_entropy(z[s], y[s], label_smoothing=smoothing, count=n) for s in (slice(0, 2), slice(2, 6))]
+    assert parts[0][0] + parts[1][0] == pytest.approx(whole, rel=1e-13)
+    np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), dwhole, rtol=1e-13, atol=1e-16)
+    s, t = r.standard_normal(6), r.random(6)
+    whole, dwhole = sigmoid_mse(s, t)
+    parts = [sigmoid_mse(s[k], t[k], count=6) for k in (slice(0, 1), slice(1, 6))]
+    assert parts[0][0] + parts[1][0] == pytest.approx(whole, rel=1e-13)
+    np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), dwhole, rtol=1e-13)

@@ -417,6 +417,33 @@ def blas_threads(n: int):
 
 
 # ----------------------------------------------------------------------------------------
+# memory: keep what NumPy frees for its next arrays (docs/performance.md#reuse-freed-memory)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+KEEP_BLOCKS_UP_TO = 1 << 30  # bytes: blocks up to this size come from the reused heap
+
+
+@functools.lru_cache(maxsize=None)
+def reuse_freed_memory() -> bool:
+    """Ask glibc's malloc to keep the memory NumPy frees for its next arrays: True if set.
+
+    A training step allocates and frees the same temporaries every time. By default glibc
+    serves each block over 128 KB with fresh pages from the kernel (mmap) and returns them
+    at free, so every step page-faults its whole working set in again (24,000 faults, 99 MB,
+    a step at the bench's small size). With a higher mmap threshold freed blocks go back to
+    malloc's heap, and with a higher trim threshold the heap is not shrunk, so the next
+    step reuses pages that are already mapped. Once per process (GPT() calls it); Linux
+    with glibc only, elsewhere nothing happens and the answer is False.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return (mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_UP_TO) == 1
+            and mallopt(M_TRIM_THRESHOLD, 2 * KEEP_BLOCKS_UP_TO - 1) == 1)
+
+
+# ----------------------------------------------------------------------------------------
 # the table
 
 

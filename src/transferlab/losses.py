@@ -21,7 +21,7 @@ def log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=0.0):
+def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=0.0, count=None):
     """Mean cross-entropy over the positions whose target is not `ignore_index`.
 
     logits (..., K) float, targets (...) int -> (loss, dlogits (..., K)).
@@ -29,13 +29,15 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=0.
         loss_i = (1 - eps) * (-log p_{y_i}) + eps * mean_k(-log p_k)      (label smoothing)
         dlogits_i = (p_i - q_i) / N,   q_i = (1 - eps) * onehot(y_i) + eps / K
 
-    N is the number of counted positions; with none counted the loss is 0 (not NaN).
+    N is the number of counted positions, or `count` when given: a part of a batch divides
+    by the whole batch's count, so the parts' losses and gradients add up to the whole
+    batch's. With N = 0 the loss is 0 (not NaN).
     """
     K = logits.shape[-1]
     z = logits.reshape(-1, K)  # (N_all, K)
     y = targets.reshape(-1)  # (N_all,)
     valid = y != ignore_index  # (N_all,)
-    n = int(valid.sum())
+    n = int(valid.sum()) if count is None else int(count)
     if n == 0:
         return 0.0, np.zeros_like(logits)
     y_safe = np.where(valid, y, 0)
@@ -60,14 +62,15 @@ def sigmoid(z):
     return np.where(z >= 0, 1.0 / (1.0 + ez), ez / (1.0 + ez)).astype(z.dtype)
 
 
-def sigmoid_mse(z, targets):
+def sigmoid_mse(z, targets, count=None):
     """Score in [0, 1] = sigmoid(z), loss = mean((sigmoid(z) - y)^2).
 
-    z (N,), targets (N,) float in [0, 1] -> (loss, dz), dz = 2 (s - y) s (1 - s) / N.
+    z (N,), targets (N,) float in [0, 1] -> (loss, dz), dz = 2 (s - y) s (1 - s) / N;
+    N = `count` when given (a part of a batch: the whole batch's N).
     """
     s = sigmoid(z)
     diff = s - targets.astype(z.dtype)
-    n = diff.size
+    n = diff.size if count is None else int(count)
     loss = float((diff * diff).sum() / n)
     dz = (2.0 / n) * diff * s * (1.0 - s)
     return loss, dz.astype(z.dtype)

@@ -18,7 +18,7 @@ depth (masks.lowest_trainable_depth), so with a frozen backbone only the head's 
 
 The layer functions come from a kernel table (kernels.py): the fast forms by default,
 `GPT(config, kernels="plain")` for the plain forms of layers.py. `GPT(config,
-batch_threads=2)` runs the backbone on two halves of the batch in two threads, the same
+batch_threads=2)` runs the whole step on two halves of the batch in two threads, the same
 numbers up to float rounding (docs/performance.md#batch-parts-in-threads). Heads and
 head switching live in heads.py, freezing in masks.py, loading other tools' state dicts in weights.py.
 
@@ -37,7 +37,7 @@ import numpy as np
 from . import heads as H
 from . import masks as M
 from . import weights
-from .kernels import FAST, KernelTable, blas_threads, kernel_table
+from .kernels import FAST, KernelTable, blas_threads, kernel_table, reuse_freed_memory
 from .knobs import Rule, check_knobs, check_value, knob
 from .layers import attention_mask
 from .lora import lora_linear_backward, lora_linear_forward
@@ -259,20 +259,32 @@ class BackboneCache(NamedTuple):
     lowest: int  # masks.lowest_trainable_depth at forward time
 
 
+class StepCache(NamedTuple):
+    """What backward() needs from one forward: the head's and pooling's caches, the loss's
+    gradient with respect to the logits, and the backbone's caches (None: stop at h)."""
+    head: object
+    pool: object
+    dlogits: np.ndarray | None  # None without targets
+    backbone: BackboneCache | None
+
+
 # ----------------------------------------------------------------------------------------
 # batch parts in threads (GPT.batch_threads > 1): NumPy releases the GIL inside its ufunc
-# loops and BLAS calls, so two threads each running the backbone on half of the batch
-# keep both cores busy also in the elementwise kernels, which are single-threaded.
-# Every row of the batch is independent up to the loss, so the parts give the same
-# activations; the head and the loss run on the whole batch as before, and each weight's
-# gradient is the sum of the parts' gradients, added in part order (a fixed order: the
-# same numbers run after run, equal to the one-thread path up to float rounding).
-# docs/performance.md#batch-parts-in-threads
+# loops and BLAS calls, so two threads each running a whole training step (backbone, head,
+# loss and their backward) on half of the batch keep both cores busy also in the
+# elementwise kernels, which are single-threaded. BLAS runs at one thread in each part, and
+# no BLAS call is left outside the parts: OpenBLAS's idle worker would otherwise spin on
+# the second core for about 0.1 s after it and slow the part running there.
+# Every row of the batch is independent up to the loss, and each part divides its loss by
+# the whole batch's count (`loss_count`), so the parts' losses and gradients add up to the
+# whole batch's; each weight's gradient is the sum of the parts' gradients, added in part
+# order (a fixed order: the same numbers run after run, equal to the one-thread path up to
+# float rounding). docs/performance.md#batch-parts-in-threads
 
 
 class BatchPartsCache(NamedTuple):
     parts: list  # slices of the batch
-    caches: list  # a BackboneCache per part
+    caches: list  # a StepCache per part
 
 
 def batch_parts(model, B: int) -> list[slice] | None:
@@ -302,13 +314,23 @@ def in_threads(fn, items) -> list:
 
 
 def sum_in_order(arrays):
-    """arrays[0] + arrays[1] + ..., left to right; None if any is None (a skipped product)."""
+    """arrays[0] + arrays[1] + ..., left to right; None if any is None (a skipped product).
+    The parts' gradients are new arrays nothing else holds, so the sum goes into the first
+    one (no copy of a (V, C) gradient at GPT-2's size)."""
     if any(a is None for a in arrays):
         return None
-    total = arrays[0].copy()
+    total = arrays[0] if arrays[0].flags.writeable and arrays[0].flags.owndata else arrays[0].copy()
     for a in arrays[1:]:
         total += a
     return total
+
+
+def loss_count(cfg, targets) -> int:
+    """How many targets the loss averages over: the counted positions (not IGNORE_INDEX)
+    for cross-entropy, every row for the scorer's mean squared error."""
+    if cfg.head == "sequence" and cfg.sequence_output == "score":
+        return int(targets.size)
+    return int(np.count_nonzero(targets != IGNORE_INDEX))
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,9 +345,10 @@ class GPT:
         self.config = config
         self.dtype = np.dtype(config.dtype)
         self.kernels = kernel_table(kernels)
+        reuse_freed_memory()  # once per process: no page faults on every step's temporaries
         if not isinstance(batch_threads, int) or isinstance(batch_threads, bool) or batch_threads < 1:
             raise ValueError(f"batch_threads must be a positive integer, got {batch_threads!r}")
-        # > 1: the backbone's forward and backward run on that many parts of the batch, one
+        # > 1: each step (forward, loss, backward) runs on that many parts of the batch, one
         # thread each (batch_parts); 1: the whole batch in the calling thread
         self.batch_threads = batch_threads
         self.training = True
@@ -390,31 +413,53 @@ class GPT:
 
         idx (B, T) int. attention_mask (B, T), 1 on real tokens (default: idx != pad_id when
         the config names a pad id). Logits: (B, T, V) lm, (B, T, K) token, (B, K) sequence
-        classifier, (B,) score in [0, 1] for the sequence scorer.
+        classifier, (B,) score in [0, 1] for the sequence scorer. With batch_threads > 1
+        the whole step (backbone, head and loss) runs on parts of the batch, one thread
+        each (`batch_parts`).
         """
-        idx = check_idx(idx, self.config)
-        pad_mask = pad_mask_of(idx, attention_mask, self.config.pad_id)
-        h = self.backbone(idx, pad_mask, keep_cache=True)  # (B, T, C)
-        return self.forward_head(h, targets, idx=idx, attention_mask=pad_mask, keep_backbone=True)
+        cfg = self.config
+        idx = check_idx(idx, cfg)
+        pad_mask = pad_mask_of(idx, attention_mask, cfg.pad_id)
+        B, T = idx.shape
+        if targets is not None:
+            targets = check_targets(targets, cfg, self.dtype, B, T, pad_mask)
+        parts = batch_parts(self, B)
+        if parts is None:
+            h, bb = self._backbone(idx, pad_mask, keep_cache=True)  # (B, T, C)
+            logits, loss, self._cache = self._head(h, targets, idx, pad_mask, bb)
+            return logits, loss
+        # every part divides its loss by the whole batch's count, so the parts' losses
+        # and gradients add up to the whole batch's
+        count = None if targets is None else loss_count(cfg, targets)
+        rows = lambda a, s: None if a is None else a[s]  # noqa: E731
+
+        def run(s):  # one part, start to finish, in its own thread
+            h, bb = self._backbone(idx[s], rows(pad_mask, s), keep_cache=True)
+            return self._head(h, rows(targets, s), idx[s], rows(pad_mask, s), bb, count)
+
+        runs = in_threads(run, parts)
+        logits = np.concatenate([run[0] for run in runs])  # (B, ...)
+        loss = None if targets is None else sum(run[1] for run in runs)
+        self._cache = BatchPartsCache(parts, [run[2] for run in runs])
+        return logits, loss
 
     def backbone(self, idx, pad_mask=None, keep_cache=False):
         """The transformer up to and including ln_f: h (B, T, C).
 
-        With keep_cache=False nothing is stored for backward (feature extraction); with
-        keep_cache=True only the blocks backward will reach (those at or above the lowest
-        trainable depth) keep their caches. With batch_threads > 1 the batch is split into
-        parts, each run in its own thread (`batch_parts`).
+        With keep_cache=False nothing is stored for backward (feature extraction), and with
+        batch_threads > 1 the batch runs in parts, one thread each (`batch_parts`); with
+        keep_cache=True the whole batch runs here and only the blocks backward will reach
+        (those at or above the lowest trainable depth) keep their caches, for a
+        forward_head(..., keep_backbone=True) to follow.
         """
-        parts = batch_parts(self, idx.shape[0])
+        parts = None if keep_cache else batch_parts(self, idx.shape[0])
         if parts is None:
-            h, cache = self._backbone(idx, pad_mask, keep_cache)
-        else:
-            runs = in_threads(lambda s: self._backbone(
-                idx[s], None if pad_mask is None else pad_mask[s], keep_cache), parts)
-            h = np.concatenate([run[0] for run in runs])  # (B, T, C)
-            cache = BatchPartsCache(parts, [run[1] for run in runs]) if keep_cache else None
-        self._backbone_cache = cache
-        return h
+            h, self._backbone_cache = self._backbone(idx, pad_mask, keep_cache)
+            return h
+        runs = in_threads(lambda s: self._backbone(
+            idx[s], None if pad_mask is None else pad_mask[s], False), parts)
+        self._backbone_cache = None
+        return np.concatenate([run[0] for run in runs])  # (B, T, C)
 
     def _backbone(self, idx, pad_mask, keep_cache):
         """backbone() on one batch: (h, BackboneCache or None)."""
@@ -440,14 +485,22 @@ class GPT:
     def forward_head(self, h, targets=None, idx=None, attention_mask=None, keep_backbone=False):
         """Run only the head on backbone outputs h (B, T, C), e.g. on cached features.
 
-        `model.backward()` after this call stops at h unless the backbone forward was run
-        by `forward` (keep_backbone=True).
+        `model.backward()` after this call stops at h unless the backbone forward before it
+        was `backbone(..., keep_cache=True)` and keep_backbone=True.
         """
-        cfg = self.config
         B, T, C = h.shape
         pad_mask = None if attention_mask is None else np.asarray(attention_mask).astype(bool)
         if targets is not None:
-            targets = check_targets(targets, cfg, self.dtype, B, T, pad_mask)
+            targets = check_targets(targets, self.config, self.dtype, B, T, pad_mask)
+        bb = self._backbone_cache if keep_backbone else None
+        logits, loss, self._cache = self._head(h, targets, idx, pad_mask, bb)
+        return logits, loss
+
+    def _head(self, h, targets, idx, pad_mask, backbone_cache, count=None):
+        """The head and the loss on h (B, T, C): (logits, loss, StepCache). The loss is
+        divided by `count` when given (a part of a batch), else by what it counts here."""
+        cfg = self.config
+        B, T, C = h.shape
         pool_cache = None
         if cfg.head == "lm":
             logits, head_cache = H.lm_head_forward(h, self.lm_weight())  # (B, T, V)
@@ -463,13 +516,13 @@ class GPT:
             logits = logits[:, 0]  # (B,) one logit per sequence
         if targets is not None:
             if is_score:
-                loss, dlogits = sigmoid_mse(logits, targets)
+                loss, dlogits = sigmoid_mse(logits, targets, count=count)
                 dlogits = dlogits[:, None]  # (B, 1)
             else:
-                loss, dlogits = cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-        self._cache = {"head": head_cache, "pool": pool_cache, "dlogits": dlogits,
-                       "backbone": self._backbone_cache if keep_backbone else None}
-        return (sigmoid(logits) if is_score else logits), loss
+                loss, dlogits = cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing,
+                                              count=count)
+        cache = StepCache(head_cache, pool_cache, dlogits, backbone_cache)
+        return (sigmoid(logits) if is_score else logits), loss, cache
 
     # ------------------------------------------------------------------ backward
 
@@ -480,33 +533,16 @@ class GPT:
         and none of their work is done. The caches are released at the end: one forward,
         one backward.
         """
-        if self._cache is None or self._cache["dlogits"] is None:
+        c, p = self._cache, self.params
+        steps = c.caches if isinstance(c, BatchPartsCache) else [c]
+        if any(step is None or step.dlogits is None for step in steps):
             raise RuntimeError("backward() needs a forward pass with targets first")
-        cfg, p, K, c = self.config, self.params, self.kernels, self._cache
-        grads: dict[str, np.ndarray | None] = {name: None for name in p}
         trains = lambda name: not M.is_frozen(self, name)  # noqa: E731
-
-        # the head: in the forward pass this was logits = head(h)
-        if cfg.head == "lm":
-            head_w = "lm_head.weight" if "lm_head.weight" in p else "wte.weight"
-            dh, grads[head_w] = H.lm_head_backward(c["dlogits"], c["head"], need_dw=trains(head_w))
+        if isinstance(c, BatchPartsCache):  # each part's backward in its own thread
+            runs = in_threads(lambda step: self._backward(step, trains), c.caches)
+            grads = {name: sum_in_order([run[name] for run in runs]) for name in p}
         else:
-            dx, head_grads = H.classifier_backward(c["dlogits"], c["head"], H.HEAD_PREFIX[cfg.head])
-            grads.update(head_grads)
-            dh = dx if c["pool"] is None else H.pool_backward(dx, c["pool"])  # (B, T, C)
-
-        bb = c["backbone"]
-        if isinstance(bb, BatchPartsCache):  # each part's backward in its own thread
-            runs = in_threads(lambda k: self._backbone_backward(dh[bb.parts[k]], bb.caches[k], trains),
-                              range(len(bb.parts)))
-            backbone_grads = {name: sum_in_order([run[name] for run in runs]) for name in runs[0]}
-        else:
-            backbone_grads = self._backbone_backward(dh, bb, trains)
-        # tied: the embedding and the LM head both use wte, so gradients add up
-        if backbone_grads.get("wte.weight") is not None and grads["wte.weight"] is not None:
-            backbone_grads["wte.weight"] = grads["wte.weight"] + backbone_grads["wte.weight"]
-        grads.update(backbone_grads)
-
+            grads = self._backward(c, trains)
         for name, g in grads.items():  # frozen or unreached: an explicit zero gradient
             if g is None or M.is_frozen(self, name):
                 grads[name] = zero_gradient(p[name].shape, p[name].dtype)
@@ -514,6 +550,26 @@ class GPT:
         # (a second backward() needs a new forward), see
         # docs/performance.md#memory-caches-released-when-backward-is-done
         self.clear_caches()
+        return grads
+
+    def _backward(self, c, trains) -> dict:
+        """The chain rule from one StepCache's dlogits down: every parameter's gradient by
+        name, None where nothing was computed."""
+        cfg, p = self.config, self.params
+        grads: dict[str, np.ndarray | None] = {name: None for name in p}
+        # the head: in the forward pass this was logits = head(h)
+        if cfg.head == "lm":
+            head_w = "lm_head.weight" if "lm_head.weight" in p else "wte.weight"
+            dh, grads[head_w] = H.lm_head_backward(c.dlogits, c.head, need_dw=trains(head_w))
+        else:
+            dx, head_grads = H.classifier_backward(c.dlogits, c.head, H.HEAD_PREFIX[cfg.head])
+            grads.update(head_grads)
+            dh = dx if c.pool is None else H.pool_backward(dx, c.pool)  # (B, T, C)
+        backbone_grads = self._backbone_backward(dh, c.backbone, trains)
+        # tied: the embedding and the LM head both use wte, so gradients add up
+        if backbone_grads.get("wte.weight") is not None and grads["wte.weight"] is not None:
+            backbone_grads["wte.weight"] += grads["wte.weight"]
+        grads.update(backbone_grads)
         return grads
 
     def _backbone_backward(self, dh, bb, trains) -> dict:
