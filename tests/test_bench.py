@@ -73,8 +73,10 @@ def test_benchmark_smoke_json(tmp_path, restore_threads):
         assert rss["torch_mb"] > 0 and rss["ratio"] == pytest.approx(rss["numpy_mb"] / rss["torch_mb"])
 
     cache = result["feature_cache"]["tiny"]
-    for key in ("full_ms", "masks_ms", "cache_ms", "extract_ms", "bitfit_ms", "sparse_ms"):
+    for key in ("full_ms", "masks_ms", "cache_ms", "extract_ms", "bitfit_ms", "sparse_ms",
+                "full_adamw_ms", "bitfit_adamw_ms", "sparse_adamw_ms"):
         assert cache[key] > 0, key
+    assert cache["sparse_adamw_vs_full"] == pytest.approx(cache["sparse_adamw_ms"] / cache["full_adamw_ms"])
     assert cache["loss_abs_diff"] < 1e-6  # training on cached features = the uncached path
     assert cache["speedup_cache_vs_full"] == pytest.approx(cache["full_ms"] / cache["cache_ms"])
     assert result["max_rss_mb"] > 0

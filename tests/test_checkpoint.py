@@ -130,6 +130,10 @@ def test_resume_continues_bit_identically(saved):
         assert np.array_equal(fresh.params[name], p), name
     assert fresh.rng.bit_generator.state == model.rng.bit_generator.state
     assert set(fresh_opt.masks) == set(model.masks)
+    for name, mask in fresh.masks.items():  # restored as masks.py makes them: read-only
+        assert np.array_equal(mask, model.masks[name]) and not mask.flags.writeable, name
+        with pytest.raises(ValueError, match="read-only"):
+            mask[...] = 1
 
 
 def test_resume_restores_a_plateau_schedule_and_sgd(tmp_path):
@@ -160,6 +164,7 @@ def test_model_from_checkpoint_rebuilds_head_params_and_masks(tmp_path):
     assert rebuilt.params.keys() == model.params.keys()
     assert all(np.array_equal(rebuilt.params[n], p) for n, p in model.params.items())
     assert M.count(rebuilt) == M.count(model) == (C * 16 + 16 + 16 * K + K, M.count(model)[1])
+    assert rebuilt.masks and not any(m.flags.writeable for m in rebuilt.masks.values())
     idx = data(0)[0]
     assert np.array_equal(rebuilt.eval()(idx)[0], model.eval()(idx)[0])
 

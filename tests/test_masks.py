@@ -167,6 +167,120 @@ def test_bad_masks_and_rows_are_refused():
         M.freeze_to(model, 5)
 
 
+# ---------------------------------------------------------------------- read-only masks, trainable_where
+
+
+def _fish(model):
+    M.fisher_mask(model, [(*batch(), None)], 0.1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: M.freeze(m, "h.0.*"),
+    lambda m: M.freeze_backbone(m),
+    lambda m: M.freeze_to(m, 2),
+    lambda m: M.bias_only(m),
+    lambda m: M.train_rows(m, "wte.weight", [3]),
+    lambda m: M.set_mask(m, "h.1.mlp.c_fc.weight", np.eye(C, 4 * C)),
+    _fish,
+], ids=["freeze", "freeze_backbone", "freeze_to", "bias_only", "train_rows", "set_mask",
+        "fisher_mask"])
+def test_masks_made_here_are_read_only(make):
+    """The contract that lets trainable_where remember its answer: to change a mask,
+    set a new one. Writing into one raises, through any index."""
+    model = small()
+    make(model)
+    assert model.masks
+    for name, mask in model.masks.items():
+        assert not mask.flags.writeable, name
+        with pytest.raises(ValueError, match="read-only"):
+            mask[...] = 1
+        with pytest.raises(ValueError, match="read-only"):
+            mask.reshape(-1)[:1] = 1  # nor through a view
+
+
+def test_set_mask_keeps_its_own_copy():
+    """The caller's array stays theirs (and writeable): editing it changes nothing."""
+    model = small()
+    mine = np.zeros((C, 4 * C))
+    mine[0, :3] = 1
+    M.set_mask(model, "h.0.mlp.c_fc.weight", mine)
+    mine[1, :] = 1
+    assert M.trainable_entries(model, "h.0.mlp.c_fc.weight") == 3
+
+
+@pytest.mark.parametrize("writeable", [False, True])
+def test_trainable_where_gives_the_flat_indices_of_the_ones(writeable):
+    rng = np.random.default_rng(4)
+    cases = [
+        (rng.random((6, 8)) < 0.3, (6, 8)),  # scattered single entries, bool
+        ((rng.random((6, 1)) < 0.5).astype(np.float32), (6, 8)),  # rows (train_rows)
+        (np.array([[1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]]), (6, 8)),  # columns
+    ]
+    for mask, shape in cases:
+        if not writeable:
+            mask = M.read_only(mask)
+        want = np.flatnonzero(np.broadcast_to(mask, shape) != 0)
+        for _ in range(2):  # the first answer and the remembered one
+            k = M.trainable_where(mask, shape)
+            assert np.array_equal(k, want)
+            assert np.array_equal(np.arange(48).reshape(shape).reshape(-1)[k],
+                                  np.arange(48).reshape(shape)[np.broadcast_to(mask, shape) != 0])
+            assert not k.flags.writeable  # nobody can corrupt a remembered answer
+    assert M.trainable_where(None, (3,)) is M.ALL
+    for ones in (np.ones((2, 3)), np.ones(()), np.ones((1, 3), bool)):
+        assert M.trainable_where(ones, (2, 3)) is M.ALL
+    for zeros in (np.zeros((2, 3)), np.zeros(()), np.zeros((2, 1), bool)):
+        assert M.trainable_where(zeros, (2, 3)) is M.NONE
+
+
+def test_trainable_where_refuses_bad_masks():
+    with pytest.raises(ValueError, match=r"\(3, 3\).*\(2, 3\)"):
+        M.trainable_where(np.ones((3, 3)), (2, 3))
+    for bad in (np.array([0.0, 0.5, 1.0]), np.array([0.0, np.nan, 1.0]), np.array([0, 2, 1])):
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            M.trainable_where(M.read_only(bad), (3,))
+
+
+def test_a_writeable_mask_is_read_afresh_on_every_call():
+    mask = np.array([1.0, 0.0, 0.0])
+    assert M.trainable_where(mask, (3,)).tolist() == [0]
+    mask[2] = 1.0  # allowed (not made by masks.py), and seen
+    assert M.trainable_where(mask, (3,)).tolist() == [0, 2]
+    # a read-only view of an array someone can still write to is not frozen either
+    base = np.array([1.0, 0.0, 0.0])
+    view = base[:]
+    view.flags.writeable = False
+    assert M.trainable_where(view, (3,)).tolist() == [0]
+    base[1] = 1.0
+    assert M.trainable_where(view, (3,)).tolist() == [0, 1]
+
+
+def test_a_new_mask_at_a_reused_id_is_not_answered_from_the_old_one():
+    """CPython hands a freed object's id to the next object of its size: a memo keyed by
+    id alone would answer the new mask with the old one's entries."""
+    reused = 0
+    for _ in range(20):
+        old = M.read_only(np.array([1.0, 0.0, 0.0, 0.0]))
+        assert M.trainable_where(old, (4,)).tolist() == [0]
+        old_id = id(old)
+        del old
+        new = M.read_only(np.array([0.0, 0.0, 1.0, 1.0]))
+        reused += id(new) == old_id
+        assert M.trainable_where(new, (4,)).tolist() == [2, 3]
+    assert reused  # the case this test is about did happen
+
+
+def test_is_frozen_and_counts_follow_a_new_mask_on_the_same_parameter():
+    model = small()
+    name = "h.0.mlp.c_fc.weight"
+    M.set_mask(model, name, np.zeros((C, 4 * C)))
+    assert M.is_frozen(model, name) and M.trainable_entries(model, name) == 0
+    M.set_mask(model, name, np.eye(C, 4 * C))
+    assert not M.is_frozen(model, name) and M.trainable_entries(model, name) == C
+    M.freeze(model, name)
+    assert M.is_frozen(model, name) and M.count(model)[0] == TOTAL - 4 * C * C
+
+
 # ---------------------------------------------------------------------- backward with masks
 
 

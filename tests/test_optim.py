@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from reference import import_torch, leaves, step_beside_torch
+from transferlab import masks as M
 from transferlab.optim import SGD, AdamW, clip_grad_norm
 
 # a miniature GPT-2 parameter dict: 2-D weights and embeddings (decayed), 1-D biases and
@@ -190,6 +191,57 @@ def test_trainable_entries_under_a_mask_get_exactly_the_unmasked_numbers(make_op
         assert trains.any() and not trains.all()
         assert np.array_equal(masked[name][trains], free[name][trains]), name
         assert not np.any(masked[name][~trains] == free[name][~trains]), name
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p, masks: AdamW(p, lr=0.05, weight_decay=0.1, masks=masks),
+    lambda p, masks: SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1, masks=masks),
+], ids=["adamw", "sgd"])
+def test_read_only_sparse_masks_give_the_dense_update_restricted_to_the_mask(make_opt):
+    """float32 and read-only masks (as masks.py makes them, so the trainable entries come
+    from trainable_where's memory): each step equals a dense reference step on the
+    trainable entries, and leaves the others alone. Midway a parameter gets a new mask,
+    which must take over at once."""
+    rng = np.random.default_rng(21)
+    shapes = {n: s for n, s in SHAPES.items() if len(s) == 2}
+
+    def sparse_masks():
+        return {n: M.read_only((rng.random(s) < 0.2).astype(np.float32)) for n, s in shapes.items()}
+
+    masked, dense = make_params(dtype=np.float32), make_params(dtype=np.float32)
+    masks = sparse_masks()
+    opt_masked, opt_dense = make_opt(masked, masks), make_opt(dense, None)
+    for step in range(6):
+        if step == 3:
+            masks.update(sparse_masks())  # new arrays; the old ones may be freed
+        before = copy_params(masked)
+        grads = make_grads(rng, dtype=np.float32)
+        opt_masked.step({k: g.copy() for k, g in grads.items()})
+        # the reference: the dense optimizer, started from the masked run's parameters
+        # and state, takes the same step; only the trainable entries should match it
+        for name, p in masked.items():
+            dense[name][...] = before[name]
+        opt_dense.step(grads)
+        for name, p in masked.items():
+            trains = np.broadcast_to(masks.get(name, np.ones((), np.float32)), p.shape) == 1
+            np.testing.assert_array_equal(p[trains], dense[name][trains], err_msg=name)
+            np.testing.assert_array_equal(p[~trains], before[name][~trains], err_msg=name)
+        # carry the masked run's state over, so the next reference step starts from it
+        opt_dense.load_state_dict(opt_masked.state_dict())
+    assert all(opt_masked.state[n]["step"] == 6 for n in SHAPES)
+
+
+def test_a_refused_step_changes_nothing():
+    """A bad mask anywhere is found before the first parameter moves."""
+    params, masks = make_params(), {}
+    opt = AdamW(params, lr=0.1, masks=masks)
+    before = copy_params(params)
+    masks["seq_head.bias"] = np.ones(7)  # the last parameter: checked before the first moves
+    with pytest.raises(ValueError, match=r"'seq_head\.bias'.*\(7,\).*\(3,\)"):
+        opt.step(make_grads(np.random.default_rng(0)))
+    for name, p in params.items():
+        assert np.array_equal(p, before[name]), name
+    assert opt.state == {}
 
 
 def test_masking_a_non_contiguous_parameter_is_refused_by_name():
@@ -380,6 +432,26 @@ def test_clip_grad_norm_leaves_masked_entries_out_of_the_norm():
     norm = clip_grad_norm(grads, max_norm=10.0, masks={"a": np.array([1, 0])})
     assert norm == pytest.approx(5.0)
     assert np.array_equal(grads["a"], [3.0, 100.0])  # 5 < 10: no clipping
+
+
+def test_clip_grad_norm_with_read_only_sparse_masks_counts_only_their_entries():
+    """float32 gradients, masks as masks.py makes them (read-only, remembered): the norm
+    is the float64 norm of the trainable entries, and clipping scales whole gradients."""
+    rng = np.random.default_rng(9)
+    grads = make_grads(rng, dtype=np.float32)
+    masks = {n: M.read_only(rng.random(s) < 0.1) for n, s in SHAPES.items() if len(s) == 2}
+    masks["h.0.ln_1.bias"] = M.read_only(np.zeros(4, np.float32))  # frozen: counts nothing
+    want = math.sqrt(sum(
+        float(np.sum(g.astype(np.float64)[np.broadcast_to(masks.get(n, True), g.shape)] ** 2))
+        for n, g in grads.items() if n != "h.0.ln_1.bias"))
+    before = {n: g.copy() for n, g in grads.items()}
+    for _ in range(2):  # the second call answers the masks from memory
+        grads = {n: g.copy() for n, g in before.items()}
+        norm = clip_grad_norm(grads, max_norm=want / 2, masks=masks)
+        assert norm == pytest.approx(want, rel=1e-12)
+        for n, g in grads.items():
+            assert g.dtype == np.float32
+            np.testing.assert_allclose(g, before[n] * (want / 2) / (want + 1e-6), rtol=1e-6)
 
 
 def test_clip_grad_norm_matches_torch():

@@ -2,7 +2,8 @@
 
     path.npz
       param/<name>          model parameters, Hugging Face GPT-2 names ("h.0.attn.c_attn.weight")
-      mask/<name>           trainable masks (masks.py), 0-d for a fully frozen tensor
+      mask/<name>           trainable masks (masks.py), 0-d for a fully frozen tensor;
+                            restored read-only, as masks.py makes them
       optim/<key path>      optimizer arrays ("optim/state/wte.weight/exp_avg")
       extra/<key>           optional arrays of the caller (e.g. the best parameters so far)
       __meta__              a 0-d unicode array: the JSON metadata below
@@ -51,6 +52,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from . import masks as M
 from .fileio import atomic_open  # the one atomic writer (fileio.py)
 from .model import GPT, GPTConfig
 from .weights import LoadReport, check_weight
@@ -357,8 +359,13 @@ def model_from_checkpoint(ckpt_or_path, seed: int = 0) -> GPT:
     _check_weights(ckpt)
     for name, value in ckpt.params.items():
         model.params[name][...] = value
-    model.masks.update({name: mask.copy() for name, mask in ckpt.masks.items()})
+    model.masks.update(_restored_masks(ckpt))
     return model
+
+
+def _restored_masks(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """The checkpoint's masks as masks.py makes them: arrays of their own, read-only."""
+    return {name: M.read_only(mask.copy()) for name, mask in ckpt.masks.items()}
 
 
 def _check_same_params(model: GPT, ckpt: Checkpoint) -> None:
@@ -422,7 +429,7 @@ def resume(path, model: GPT, optimizer=None, schedule=None) -> Checkpoint:
     for name, value in ckpt.params.items():
         model.params[name][...] = value  # in place: the optimizer holds these arrays
     model.masks.clear()
-    model.masks.update({name: mask.copy() for name, mask in ckpt.masks.items()})
+    model.masks.update(_restored_masks(ckpt))
     if optimizer is not None:
         optimizer.masks = model.masks
     if ckpt.rng_state is not None:

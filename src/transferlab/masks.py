@@ -10,6 +10,12 @@ gets no gradient computed, and backward stops below the lowest trainable paramet
 Freezing, unfreezing, bias-only training (BitFit), training only new embedding rows and
 sparse fine-tuning (a Fisher top-k mask, FISH) are all just masks. See docs/masks.md.
 
+Masks are read-only. Every mask this module makes (and every mask a checkpoint restores)
+has `flags.writeable = False`: to change a mask, set a new one. That lets
+`trainable_where` read a mask once, not on every step: the optimizer, gradient clipping
+and `is_frozen` ask it for the flat indices of the trainable entries and get the answer
+computed when they first asked about that array.
+
 Depth, one numbering for everything (docs/masks.md#depth): 0 the embeddings, 1..L the
 transformer blocks, L + 1 ln_f, L + 2 the head. Backward stops at the lowest trainable
 depth. Layer-wise rates and unfreezing use fastai's layer groups, which are the same
@@ -17,12 +23,23 @@ numbers with ln_f and the head in one group: group = min(depth, L + 1).
 """
 from __future__ import annotations
 
+import enum
 import fnmatch
 import re
+import weakref
 
 import numpy as np
 
 _LAYERNORM = re.compile(r"(^|\.)ln_(1|2|f)\.")
+
+
+def read_only(mask: np.ndarray) -> np.ndarray:
+    """`mask`, marked read-only (the same array): the contract of every mask made here.
+
+    Writing into it raises ValueError; to change a mask, set a new one.
+    """
+    mask.flags.writeable = False
+    return mask
 
 
 def frozen_mask(param) -> np.ndarray:
@@ -30,7 +47,7 @@ def frozen_mask(param) -> np.ndarray:
 
     It has the parameter's dtype so that multiplying by it never promotes float32.
     """
-    return np.zeros((), dtype=param.dtype)
+    return read_only(np.zeros((), dtype=param.dtype))
 
 
 def is_layernorm(name: str) -> bool:
@@ -59,7 +76,7 @@ def group_of(name: str, n_layer: int) -> int:
 def is_frozen(model, name: str) -> bool:
     """True when every entry of the parameter is masked out (no gradient needed)."""
     mask = model.masks.get(name)
-    return mask is not None and not np.any(mask)
+    return mask is not None and trainable_where(mask, model.params[name].shape) is NONE
 
 
 def lowest_trainable_depth(model) -> int:
@@ -168,7 +185,7 @@ def set_mask(model, name: str, mask) -> None:
         ) from None
     if not np.all((mask == 0) | (mask == 1)):
         raise ValueError(f"mask for {name} must contain only 0 and 1")
-    model.masks[name] = mask.astype(model.params[name].dtype)
+    model.masks[name] = read_only(mask.astype(model.params[name].dtype))  # a copy: ours
 
 
 def bias_only(model) -> None:
@@ -203,7 +220,7 @@ def train_rows(model, name: str, rows) -> None:
             f"train_rows: row ids {rows.tolist()} must lie in [0, {p.shape[0]}) for {name}")
     mask = np.zeros((p.shape[0], 1), dtype=p.dtype)  # (V, 1): broadcasts over the columns
     mask[rows] = 1.0
-    model.masks[name] = mask
+    model.masks[name] = read_only(mask)
 
 
 def fisher_mask(model, batches, keep_fraction: float, exclude_head: bool = True) -> dict:
@@ -243,9 +260,91 @@ def fisher_mask(model, batches, keep_fraction: float, exclude_head: bool = True)
     start = 0
     for name in scored:
         p = model.params[name]
-        model.masks[name] = keep[start:start + p.size].reshape(p.shape).astype(p.dtype)
+        model.masks[name] = read_only(keep[start:start + p.size].reshape(p.shape).astype(p.dtype))
         start += p.size
     return model.masks
+
+
+# ------------------------------------------------------------------ where a mask trains
+
+
+class Every(enum.Enum):
+    """`trainable_where`'s answer when no list of entries is needed."""
+    ALL = "every entry trains"
+    NONE = "no entry trains"
+
+
+ALL, NONE = Every.ALL, Every.NONE
+
+# id(mask) -> {parameter shape: answer}, for read-only masks only. An entry is dropped
+# by a weakref.finalize when its array is freed, which happens before CPython can hand
+# the same id to a new array: a new mask at a reused id is never answered from the old.
+_WHERE: dict[int, dict[tuple, object]] = {}
+
+
+def trainable_where(mask, shape) -> Every | np.ndarray:
+    """Which entries of a parameter of `shape` may train under `mask` (None: no mask).
+
+        ALL      every entry (no mask, or a mask of ones)
+        NONE     no entry (a mask of zeros: the parameter is frozen)
+        k        otherwise: the flat indices, in C order, of the entries where the
+                 broadcast mask is 1, a read-only (K,) intp array, so that
+                 p.reshape(-1)[k] are exactly the entries that train
+
+    Raises ValueError (naming both shapes) for a mask that does not broadcast to `shape`,
+    or one that holds anything but 0 and 1. A read-only mask (every mask masks.py makes)
+    is read once: the answer is kept for as long as the array lives, and later calls cost
+    a dictionary look-up. A writeable mask may be edited at any time, so it is read
+    afresh on every call (correct, just not cached); so is a read-only view of an array
+    someone can still write to. (Setting a mask's flag back to writeable, editing it and
+    setting it read-only again breaks the contract: set a new mask instead.)
+    """
+    if mask is None:
+        return ALL
+    shape = tuple(shape)
+    if not (isinstance(mask, np.ndarray) and _unchanging(mask)):
+        return _read(np.asarray(mask), shape)
+    key = id(mask)
+    answers = _WHERE.get(key)
+    if answers is None:
+        answers = _WHERE[key] = {}
+        weakref.finalize(mask, _WHERE.pop, key, None)
+    if shape not in answers:
+        answers[shape] = _read(mask, shape)
+    return answers[shape]
+
+
+def _unchanging(mask: np.ndarray) -> bool:
+    """True when no one can write the mask's numbers: it, and every array whose memory
+    it views, is read-only (a read-only view of a writeable array is not)."""
+    a = mask
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return a is None  # owns its memory, or views a read-only array that does
+
+
+def _read(mask: np.ndarray, shape: tuple) -> Every | np.ndarray:
+    """trainable_where without the memory: reads the mask itself, not its broadcast."""
+    try:
+        fits = np.broadcast_shapes(mask.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"a mask of shape {mask.shape} does not broadcast to the "
+                         f"parameter's shape {shape}")
+    if not np.any(mask):  # all zeros, the commonest full-size mask (frozen): one pass
+        return NONE
+    tau = mask if mask.dtype == bool else mask != 0
+    # tau is 0/1 by construction, so it equals the mask exactly when the mask is 0/1
+    # (a NaN or a 0.5 differs from both)
+    if tau is not mask and not np.array_equal(mask, tau):
+        raise ValueError("a mask must hold only 0 and 1")
+    if np.count_nonzero(tau) == tau.size:
+        return ALL
+    k = np.flatnonzero(np.broadcast_to(tau, shape))  # (K,)
+    return read_only(k)
 
 
 # ------------------------------------------------------------------ reporting
@@ -253,8 +352,9 @@ def fisher_mask(model, batches, keep_fraction: float, exclude_head: bool = True)
 
 def trainable_entries(model, name: str) -> int:
     """How many entries of one parameter may change under its mask."""
-    p, mask = model.params[name], model.masks.get(name)
-    return p.size if mask is None else int(np.broadcast_to(mask, p.shape).sum())
+    p = model.params[name]
+    where = trainable_where(model.masks.get(name), p.shape)
+    return p.size if where is ALL else 0 if where is NONE else where.size
 
 
 def count(model) -> tuple[int, int]:

@@ -10,7 +10,9 @@ Multiplying the gradient by the mask is not enough: Adam keeps moving a weight w
 gradient is zero, on its stale moments, and decay keeps shrinking it (docs/optimizers.md
 shows the drift). So for a partly masked parameter the optimizer gathers the entries
 with tau = 1, runs the update on those alone, and scatters them back: an entry with
-tau = 0 is never read nor written, neither in the parameter nor in its state.
+tau = 0 is never read nor written, neither in the parameter nor in its state. Which
+entries those are comes from `masks.trainable_where`, which reads a read-only mask (every
+mask masks.py makes) once and remembers the answer, so a step does not re-derive them.
 
     opt = AdamW(model.params, lr=1e-3, weight_decay=0.01, masks={"wte.weight": m})
     opt.step(grads)                     # updates the arrays in model.params in place
@@ -30,6 +32,8 @@ import math
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from .masks import ALL, NONE, trainable_where
 
 __all__ = ["Optimizer", "AdamW", "SGD", "adamw_update", "sgd_update", "clip_grad_norm",
            "default_decay"]
@@ -144,26 +148,27 @@ def _require(h: Mapping[str, Any], keys: tuple[str, ...]) -> None:
         raise ValueError(f"hyperparameters lack {missing}")
 
 
-def _check_masks(params: Params, masks: Mapping[str, Any], check_values: bool) -> None:
-    """Every mask names a known parameter and broadcasts to its shape (and holds 0/1)."""
+def _check_mask_names(params: Params, masks: Mapping[str, Any]) -> None:
     for name, mask in masks.items():
-        if mask is None:
-            continue  # same as absent: fully trainable
-        if name not in params:
+        if mask is not None and name not in params:  # None: same as absent, fully trainable
             raise ValueError(f"mask given for unknown parameter {name!r}")
-        mask = np.asarray(mask)
-        if mask.ndim == 0 and not check_values:
-            continue  # a 0-d mask (masks.frozen_mask) broadcasts to any shape
-        shape = params[name].shape
-        try:
-            fits = np.broadcast_shapes(mask.shape, shape) == shape
-        except ValueError:
-            fits = False
-        if not fits:
-            raise ValueError(f"mask for parameter {name!r} has shape {mask.shape}, which does "
-                             f"not broadcast to the parameter's shape {shape}")
-        if check_values and mask.dtype != bool and not np.all((mask == 0) | (mask == 1)):
-            raise ValueError(f"mask for parameter {name!r} must hold only 0 and 1")
+
+
+def _where(name: str, mask: Any, shape: tuple) -> Any:
+    """masks.trainable_where (ALL, NONE or the flat indices that train), its errors
+    naming the parameter."""
+    try:
+        return trainable_where(mask, shape)
+    except ValueError as e:
+        raise ValueError(f"parameter {name!r}: {e}") from None
+
+
+def _check_masks(params: Params, masks: Mapping[str, Any]) -> dict[str, Any]:
+    """Every mask names a known parameter, broadcasts to its shape and holds only 0/1.
+    Returns name -> trainable_where's answer, for the masks that are not None."""
+    _check_mask_names(params, masks)
+    return {name: _where(name, mask, params[name].shape)
+            for name, mask in masks.items() if mask is not None}
 
 
 def _check_lr_scale(params: Params, lr_scale: Mapping[str, Any]) -> dict[str, float]:
@@ -241,7 +246,7 @@ class Optimizer:
     @masks.setter
     def masks(self, masks: Mapping[str, Any] | None) -> None:
         masks = {} if masks is None else masks
-        _check_masks(self.params, masks, check_values=True)
+        _check_masks(self.params, masks)  # for read-only masks this also primes the memo
         self._masks = masks
 
     @property
@@ -252,29 +257,19 @@ class Optimizer:
     def lr_scale(self, lr_scale: Mapping[str, float] | None) -> None:
         self._lr_scale = _check_lr_scale(self.params, dict(lr_scale or {}))
 
-    def _tau(self, name: str) -> bool | np.ndarray | None:
-        """Where `name` may change: True (everywhere), a boolean array, or None (nowhere)."""
-        mask = self._masks.get(name)
-        if mask is None:
-            return True
-        mask = np.asarray(mask)
-        if mask.ndim == 0:  # masks.frozen_mask and friends: one number, no array work
-            return True if mask else None
-        tau = mask if mask.dtype == bool else mask != 0
-        if not tau.any():
-            return None
-        return True if tau.all() else tau  # an all-ones mask takes the fast unmasked path
-
     def step(self, grads: Mapping[str, np.ndarray | None]) -> None:
         """Update every parameter that has a gradient and is not fully masked, in place.
 
         A missing or None gradient skips that parameter and leaves its state untouched;
-        gradients for names the optimizer does not hold are ignored.
+        gradients for names the optimizer does not hold are ignored. Everything is
+        checked before the first parameter changes: a refused step changes nothing.
         """
         lr = _check_number("lr", self.lr)
-        # the dicts may have been edited in place since they were assigned: recheck cheaply
-        _check_masks(self.params, self._masks, check_values=False)
+        # the dicts may have been edited in place since they were assigned: recheck them
+        # (for read-only masks trainable_where answers from memory)
+        _check_mask_names(self.params, self._masks)
         _check_lr_scale(self.params, self._lr_scale)
+        todo = []  # (name, p, g, where): the parameters this step updates
         for name, p in self.params.items():
             g = grads.get(name)
             if g is None:
@@ -282,32 +277,37 @@ class Optimizer:
             if g.shape != p.shape:
                 raise ValueError(f"gradient for parameter {name!r} has shape {g.shape}, "
                                  f"the parameter has shape {p.shape}")
-            tau = self._tau(name)
-            if tau is None:
+            where = _where(name, self._masks.get(name), p.shape)
+            if where is not ALL and where is not NONE:
+                _flat_view(name, p)  # a parameter updated through a mask must be contiguous
+            if where is NONE:
                 continue  # fully frozen: no computation, no step count, state untouched
+            if name in self.state:
+                self._check_state_shapes(name, self.state[name], p)
+            todo.append((name, p, g, where))
+        for name, p, g, where in todo:
             state = self.state.get(name)
             if state is None:
                 state = self.state[name] = self._init_state(p)
-            self._check_state_shapes(name, state, p)
             state["step"] += 1
             arrays = {key: state[key] for key in self.state_keys}
             rate, decays = lr * self._lr_scale.get(name, 1.0), self.decay_rule(name, p)
-            if tau is True:
+            if where is ALL:  # no mask, or a mask of ones: the plain update, in place
                 self._update(p, g, arrays, state["step"], rate, decays)
             else:
-                self._update_entries(name, p, g, arrays, tau, state["step"], rate, decays)
+                self._update_entries(name, p, g, arrays, where, state["step"], rate, decays)
 
     def _update_entries(self, name: str, p: np.ndarray, g: np.ndarray,
-                        arrays: dict[str, np.ndarray], tau: np.ndarray, step: int, lr: float,
+                        arrays: dict[str, np.ndarray], k: np.ndarray, step: int, lr: float,
                         decays: bool) -> None:
         """theta[k] <- theta[k] - update, for the trainable entries k (tau = 1) only.
 
-        Gathers those entries of p, g and the state arrays into short vectors, runs the
-        ordinary update on them, and scatters the results back. The frozen entries and
-        their state are never read nor written, so they stay bit-identical, and the
-        trainable ones get exactly the numbers an unmasked update would give them.
+        `k` holds their flat indices in C order (masks.trainable_where). Gathers those
+        entries of p, g and the state arrays into short vectors, runs the ordinary update
+        on them, and scatters the results back. The frozen entries and their state are
+        never read nor written, so they stay bit-identical, and the trainable ones get
+        exactly the numbers an unmasked update would give them.
         """
-        k = np.flatnonzero(np.broadcast_to(tau, p.shape))  # (K,) flat indices, C order
         p_flat = _flat_view(name, p)  # (p.size,) views: writing them writes p and its state
         flats = {key: _flat_view(name, a) for key, a in arrays.items()}
         p_k, arrays_k = p_flat[k], {key: a[k] for key, a in flats.items()}  # (K,) copies
@@ -494,17 +494,19 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray | None], max_norm: float,
     max_norm = _check_number("max_norm", max_norm)
     if max_norm == 0.0:
         raise ValueError("max_norm must be > 0, got 0")
-    masks = dict(masks or {})
+    masks = masks or {}
     # a constant zero (the model's zero_gradient of a frozen tensor) adds nothing to the
     # norm and is unchanged by scaling: skip it rather than copy or write it
     present = {name: g for name, g in grads.items() if g is not None and not _constant_zero(g)}
-    _check_masks(present, {n: m for n, m in masks.items() if n in present}, check_values=True)
+    wheres = _check_masks(present, {n: m for n, m in masks.items() if n in present})
     sum_sq = 0.0
     for name, g in present.items():
+        where = wheres.get(name, ALL)
+        if where is NONE:
+            continue
         entries = g.reshape(-1)
-        if masks.get(name) is not None:  # only the trainable entries count
-            entries = entries[np.flatnonzero(np.broadcast_to(np.asarray(masks[name]) != 0,
-                                                             g.shape))]
+        if where is not ALL:  # only the trainable entries count
+            entries = entries[where]
         # summed in float64 so a float32 gradient's norm is not rounded away
         entries = entries.astype(np.float64, copy=False)
         sum_sq += float(np.dot(entries, entries))
