@@ -131,9 +131,14 @@ class GPTConfig:
         return (self.head == "lm") if self.causal is None else bool(self.causal)
 
     @property
+    def is_scorer(self) -> bool:
+        """The sequence head with one sigmoid output in [0, 1] (squared-error loss)."""
+        return self.head == "sequence" and self.sequence_output == "score"
+
+    @property
     def n_outputs(self) -> int:
         """Width of the classifier's output: 1 logit for a score, else n_classes."""
-        return 1 if (self.head == "sequence" and self.sequence_output == "score") else self.n_classes
+        return 1 if self.is_scorer else self.n_classes
 
     @property
     def lora_scale(self) -> float:
@@ -325,10 +330,15 @@ def sum_in_order(arrays):
     return total
 
 
+def part_of(a, s: slice):
+    """The rows s of a per-row array, or None for None (no mask, no targets)."""
+    return None if a is None else a[s]
+
+
 def loss_count(cfg, targets) -> int:
     """How many targets the loss averages over: the counted positions (not IGNORE_INDEX)
     for cross-entropy, every row for the scorer's mean squared error."""
-    if cfg.head == "sequence" and cfg.sequence_output == "score":
+    if cfg.is_scorer:
         return int(targets.size)
     return int(np.count_nonzero(targets != IGNORE_INDEX))
 
@@ -431,11 +441,10 @@ class GPT:
         # every part divides its loss by the whole batch's count, so the parts' losses
         # and gradients add up to the whole batch's
         count = None if targets is None else loss_count(cfg, targets)
-        rows = lambda a, s: None if a is None else a[s]  # noqa: E731
 
         def run(s):  # one part, start to finish, in its own thread
-            h, bb = self._backbone(idx[s], rows(pad_mask, s), keep_cache=True)
-            return self._head(h, rows(targets, s), idx[s], rows(pad_mask, s), bb, count)
+            h, bb = self._backbone(idx[s], part_of(pad_mask, s), keep_cache=True)
+            return self._head(h, part_of(targets, s), idx[s], part_of(pad_mask, s), bb, count)
 
         runs = in_threads(run, parts)
         logits = np.concatenate([run[0] for run in runs])  # (B, ...)
@@ -456,8 +465,7 @@ class GPT:
         if parts is None:
             h, self._backbone_cache = self._backbone(idx, pad_mask, keep_cache)
             return h
-        runs = in_threads(lambda s: self._backbone(
-            idx[s], None if pad_mask is None else pad_mask[s], False), parts)
+        runs = in_threads(lambda s: self._backbone(idx[s], part_of(pad_mask, s), False), parts)
         self._backbone_cache = None
         return np.concatenate([run[0] for run in runs])  # (B, T, C)
 
@@ -511,7 +519,7 @@ class GPT:
             pooled, pool_cache = H.pool_forward(h, cfg.pooling, pad_mask, positions)  # (B, C)
             logits, head_cache = H.classifier_forward(pooled, self.params, "seq_head")  # (B, K)
         loss, dlogits = None, None
-        is_score = cfg.head == "sequence" and cfg.sequence_output == "score"
+        is_score = cfg.is_scorer
         if is_score:
             logits = logits[:, 0]  # (B,) one logit per sequence
         if targets is not None:
@@ -655,7 +663,7 @@ def check_targets(targets, cfg: GPTConfig, dtype, B, T, pad_mask):
     want = (B, T) if per_token else (B,)
     if targets.shape != want:
         raise ValueError(f"targets for the {cfg.head} head must have shape {want}, got {targets.shape}")
-    if cfg.head == "sequence" and cfg.sequence_output == "score":
+    if cfg.is_scorer:
         if not np.all((targets >= 0) & (targets <= 1)):
             raise ValueError("score targets must lie in [0, 1]")
         return targets.astype(dtype)
