@@ -511,6 +511,15 @@ def rss_child(name: str, side: str, threads: int) -> dict:
             "peak_rss_mb": max_rss_mb() if peak is None else peak}
 
 
+def run_child(args: list[str], what: str) -> dict:
+    """Run `python bench.py ARGS` in a fresh process and return the JSON line it prints
+    last; a failed child raises, naming `what` it measured."""
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.py: the {what} child failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def peak_rss(name: str, threads: int, use_torch: bool) -> dict:
     """Peak RSS (MB) of a training step for each side, each in a fresh subprocess
     (`rss_child`): numpy_mb, torch_mb, ratio; the RSS before the step beside each; with
@@ -518,12 +527,8 @@ def peak_rss(name: str, threads: int, use_torch: bool) -> dict:
     res = {}
     sides = ["numpy"] + (["numpy_threads"] if threads > 1 else []) + (["torch"] if use_torch else [])
     for side in sides:
-        done = subprocess.run([sys.executable, __file__, "--rss-child", name, side,
-                               "--threads", str(threads)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"bench.py: the {side} peak-RSS child for {name} failed: "
-                               f"{done.stderr.strip()[-500:]}")
-        child = json.loads(done.stdout.strip().splitlines()[-1])
+        child = run_child(["--rss-child", name, side, "--threads", str(threads)],
+                          f"{side} peak-RSS for {name}")
         res[f"{side}_mb"] = child["peak_rss_mb"]
         res[f"{side}_before_step_mb"] = child["rss_before_step_mb"]
     if use_torch:
@@ -572,12 +577,8 @@ def malloc_comparison(sizes, repeat: int, rounds: int = 3) -> dict:
         runs = {"glibc": [], "reuse": []}
         for r in range(rounds):
             for mode in ("glibc", "reuse") if r % 2 == 0 else ("reuse", "glibc"):
-                done = subprocess.run([sys.executable, __file__, "--malloc-child", name, mode,
-                                       "--repeat", str(repeat)], capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise RuntimeError(f"bench.py: the {mode} malloc child for {name} failed: "
-                                       f"{done.stderr.strip()[-500:]}")
-                runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                runs[mode].append(run_child(["--malloc-child", name, mode, "--repeat", str(repeat)],
+                                            f"{mode} malloc for {name}"))
         row = {}
         for mode, children in runs.items():
             row[f"{mode}_faults_per_step"] = statistics.median(c["faults_per_step"] for c in children)
