@@ -429,8 +429,8 @@ def reuse_freed_memory() -> bool:
 
     A training step allocates and frees the same temporaries every time. By default glibc
     serves each block over 128 KB with fresh pages from the kernel (mmap) and returns them
-    at free, so every step page-faults its whole working set in again (24,000 faults, 99 MB,
-    a step at the bench's small size). With a higher mmap threshold freed blocks go back to
+    at free, so every step page-faults its working set in again (17,355 faults, 71 MB, a
+    training step at the bench's small size: python src/bench.py --malloc). With a higher mmap threshold freed blocks go back to
     malloc's heap, and with a higher trim threshold the heap is not shrunk, so the next
     step reuses pages that are already mapped. Once per process (GPT() calls it); Linux
     with glibc only, elsewhere nothing happens and the answer is False.
