@@ -423,9 +423,23 @@ def _summarise_cpu(runs) -> dict:
     return res
 
 
+def add_peak_fractions(sizes: dict) -> float:
+    """Give every side of every step its `*_peak_fraction`, against the best 1024^3 matmul
+    of the whole run, and return that best. One denominator for every row: a size's own
+    median peak drifts (one gpt2 row saw 99 GFLOP/s against a best of 217) and made
+    fractions above 1."""
+    steps = [r[k] for r in sizes.values() for k in ("fwd_bwd", "train_step")]
+    peak = max(step["peak_gflops_best"] for step in steps)
+    for step in steps:
+        for who in ("numpy", "numpy_threads", "torch"):
+            if f"{who}_gflops" in step:
+                step[f"{who}_peak_fraction"] = step[f"{who}_gflops"] / peak
+    return peak
+
+
 def _summarise(runs, flops, tokens, peak_flops) -> dict:
-    """Medians (and bests) of rested, alternated calls -> ms, tokens/s, GFLOP/s, fraction of
-    peak; each side's CPU use (its CPU time / wall time, in cores) and the cores other
+    """Medians (and bests) of rested, alternated calls -> ms, tokens/s, GFLOP/s (run_bench
+    adds each side's fraction of the run's best matmul peak); each side's CPU use (its CPU time / wall time, in cores) and the cores other
     processes used meanwhile."""
     runs = dict(runs)
     peak_times = [r["wall"] for r in runs.pop("matmul_peak")]
@@ -446,8 +460,6 @@ def _summarise(runs, flops, tokens, peak_flops) -> dict:
             f"{who}_others_cpu": sum(others) / sum(ts) if others else None,
             f"{who}_tokens_per_s": tokens / (ms / 1e3),
             f"{who}_gflops": gflops,
-            # median against median: both measured under the same (drifting) load
-            f"{who}_peak_fraction": gflops / res["peak_gflops"],
         })
     if "torch_ms" in res:
         res["ratio"] = res["numpy_ms"] / res["torch_ms"]  # numpy time / torch time, medians
@@ -1020,7 +1032,7 @@ def format_report(result) -> str:
         f"{GPT2_REPEAT}), alternating order, a {result['rest_s']} s rest before every timed "
         "call (OpenBLAS spin-wait); medians",
         f"float32 matmul peak: a {result['peak_n']}^3 np.matmul as one more contender "
-        f"(best seen {m['matmul_peak_gflops']:.1f} GFLOP/s)",
+        f"(best seen {m['matmul_peak_gflops']:.1f} GFLOP/s; %peak is against it)",
         "",
         f"{th['requested']} thread(s): wall ms | 1 thread: CPU ms | CPU use in cores during "
         "the timed calls: numpy, torch, other processes",
@@ -1133,8 +1145,7 @@ def run(sizes=tuple(SIZES), repeat=7, threads=None, scaling=True, feature_cache=
             if torch is not None:
                 entry["torch"] = profile_torch(torch, name, profile_steps)
             result["profile"][name] = entry
-    peak = max(step["peak_gflops_best"] for r in result["sizes"].values()
-               for step in (r["fwd_bwd"], r["train_step"]))
+    peak = add_peak_fractions(result["sizes"])
     result["machine"] = machine_info(thread_info, peak, torch)
     result["machine"]["load_average_before_after"] = [load_before, load_average()]
     others = [r[k]["numpy_others_cpu"] for r in result["sizes"].values()

@@ -52,6 +52,9 @@ def test_benchmark_smoke_json(tmp_path, restore_threads):
         assert s["numpy_others_cpu"] is None or s["numpy_others_cpu"] >= 0
         assert 0 < s["peak_gflops"] <= s["peak_gflops_best"]
         assert s["numpy_peak_fraction"] < 2  # a fraction of a peak, not a unit mix-up
+        # against the run's best matmul, one denominator for every row
+        assert s["numpy_peak_fraction"] == pytest.approx(
+            s["numpy_gflops"] / result["machine"]["matmul_peak_gflops"])
         assert s["numpy_gflops"] == pytest.approx(tiny["flops_per_step"] / s["numpy_ms"] / 1e6)
         assert "numpy_threads_ms" not in s  # one thread: no batch parts to time
         one = s["one_thread"]  # at --threads 1 the run itself is the one-thread run
