@@ -147,6 +147,18 @@ def test_resize_vocab_grows_a_mask_with_trainable_new_rows():
     M.freeze_backbone(model)
     model.resize_vocab(V + 1)
     assert M.count(model)[0] == C * K + K + C
+    grown = model.masks["wte.weight"]  # read-only like every other mask
+    with pytest.raises(ValueError):
+        grown[0, 0] = 1.0
+    # a step moves the new row and the head, nothing of the old vocabulary
+    before = model.params["wte.weight"].copy()
+    opt = AdamW(model.params, lr=1e-2, masks=model.masks)
+    idx = tokens(0)
+    idx[:, -1] = V  # the new token, so its row gets a gradient
+    model(idx, np.array([0, 1]))
+    opt.step(model.backward())
+    wte = model.params["wte.weight"]
+    assert np.array_equal(wte[:V], before[:V]) and not np.array_equal(wte[V], before[V])
 
 
 def test_bad_resize_leaves_the_model_unchanged():

@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from .layers import gelu_backward, gelu_forward, linear_backward, linear_forward
+from .masks import read_only
 
 HEADS = ("lm", "token", "sequence")
 POOLINGS = ("cls", "last", "mean", "attention")
@@ -240,6 +241,6 @@ def resize_vocab(model, new_vocab_size: int, std: float | None = None):
             mask = np.broadcast_to(model.masks[name], w.shape)
             grown = np.ones((new_vocab_size, w.shape[1]), dtype=mask.dtype)
             grown[:keep] = mask[:keep]
-            model.masks[name] = grown
+            model.masks[name] = read_only(grown)  # as every mask: read once, kept (masks.py)
     model.config = new_config
     return model
