@@ -633,11 +633,6 @@ def bench_scaling(repeat, torch=None, base=SCALING_BASE, Ts=SCALING_T, batches=S
     return {"base": base, **rows}
 
 
-def frozen_masks(model):
-    """Everything but the sequence head frozen: backward stops below the head."""
-    return {n: np.zeros_like(p) for n, p in model.params.items() if not n.startswith("seq_head.")}
-
-
 def bench_feature_cache(name, repeat, spec=None) -> dict:
     """Head-only training three ways, on a sequence classifier (mean pooling, 4 classes).
 
@@ -666,8 +661,8 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
     idx = rng.integers(0, cfg.vocab_size, (spec["batch"], cfg.block_size))
     y = rng.integers(0, N_CLASSES, spec["batch"])
     models = {how: GPT(cfg, seed=0) for how in ("full", "masks", "cache", "bitfit", "sparse")}
-    for how in ("masks", "cache"):
-        models[how].masks = frozen_masks(models[how])
+    for how in ("masks", "cache"):  # everything but the head frozen, as a user freezes it
+        M.freeze_backbone(models[how])
     M.bias_only(models["bitfit"])
     keep = np.random.default_rng(2)
     for n, p in models["sparse"].params.items():  # set_mask: read-only, as fisher_mask's are

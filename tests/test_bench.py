@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import bench
+from transferlab import masks
 
 torch = bench.import_torch()
 
@@ -157,7 +158,7 @@ def test_frozen_backbone_step_keeps_no_activations_for_frozen_blocks():
     idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (spec["batch"], cfg.block_size))
     y = np.arange(spec["batch"]) % 4
     full, frozen = bench.GPT(cfg, seed=0), bench.GPT(cfg, seed=0)
-    frozen.masks = bench.frozen_masks(frozen)
+    masks.freeze_backbone(frozen)
 
     def step(model):
         model(idx, y)
