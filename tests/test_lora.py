@@ -421,3 +421,47 @@ def test_from_peft_refuses_what_it_cannot_represent():
         from_peft(dict(live, **{k: v for k, v in two.items() if ".other." in k}))
     with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn\.lora_B is missing"):
         from_peft({k: v for k, v in peft.items() if k.endswith("h.0.attn.c_attn.lora_A.weight")})
+
+
+# ----------------------------------------------------------------------------------------
+# LoRA dropout in the model
+
+
+def lora_model(dropout, batch_threads=1):
+    """tiny_gpt (model dropout 0) with adapters on c_attn and a nonzero B (a trained adapter),
+    so dropout on the LoRA branch changes the output."""
+    from transferlab import lora
+    model = lora.attach(tiny_gpt(), r=R, alpha=ALPHA, dropout=dropout)
+    model.batch_threads = batch_threads
+    r = rng(3)
+    for name in model.params:
+        if name.endswith("lora_B"):
+            model.params[name][...] = r.standard_normal(model.params[name].shape)
+    return model
+
+
+def test_lora_dropout_is_on_in_training_without_model_dropout():
+    """strategies.lora.dropout acts on its own: the model's dropout is 0 (the default), and
+    training still draws a new LoRA dropout mask every forward; evaluation draws none."""
+    idx = rng(4).integers(0, 11, (4, 8))
+    model = lora_model(0.5)
+    assert model.config.dropout == 0.0 and model.config.lora_dropout == 0.5
+    model.train()
+    first, second = model(idx)[0], model(idx)[0]
+    assert not np.allclose(first, second)  # two masks
+    model.eval()
+    np.testing.assert_array_equal(model(idx)[0], model(idx)[0])
+    plain = lora_model(0.0).eval()(idx)[0]
+    np.testing.assert_allclose(model(idx)[0], plain, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_dropout_runs_the_batch_whole_so_a_seed_gives_the_same_masks():
+    """Batch parts in threads would draw the masks in an order the threads decide: with
+    LoRA dropout on, the model runs the batch whole, and gives the one-thread numbers."""
+    idx = rng(5).integers(0, 11, (4, 8))
+    one, two = lora_model(0.5).train(), lora_model(0.5, batch_threads=2).train()
+    for _ in range(2):
+        np.testing.assert_array_equal(one(idx, idx)[0], two(idx, idx)[0])
+        g1, g2 = one.backward(), two.backward()
+        for name in g1:
+            np.testing.assert_array_equal(g1[name], g2[name], err_msg=name)

@@ -145,6 +145,12 @@ class GPTConfig:
         """s = alpha / r of the LoRA adapters (0 without them)."""
         return self.lora_alpha / self.lora_r if self.lora_r else 0.0
 
+    @property
+    def draws_dropout(self) -> bool:
+        """Does a training forward draw dropout masks? The model's dropout, or the LoRA
+        branch's own (strategies.lora.dropout), which is on also when the model's is 0."""
+        return self.dropout > 0 or (self.lora_r > 0 and self.lora_dropout > 0)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -297,7 +303,7 @@ def batch_parts(model, B: int) -> list[slice] | None:
     asked for, a single row, or dropout active (the parts would draw from one RNG in an
     order the threads decide, so the masks would differ run to run)."""
     n = min(model.batch_threads, B)
-    if n <= 1 or (model.training and model.config.dropout > 0):
+    if n <= 1 or (model.training and model.config.draws_dropout):
         return None
     bounds = [B * k // n for k in range(n + 1)]
     return [slice(bounds[k], bounds[k + 1]) for k in range(n)]
@@ -476,7 +482,7 @@ class GPT:
         lowest = M.lowest_trainable_depth(self)
 
         def rng_at(depth):  # a frozen part runs in inference mode: no dropout
-            return self.rng if (self.training and cfg.dropout > 0 and depth >= lowest) else None
+            return self.rng if (self.training and cfg.draws_dropout and depth >= lowest) else None
 
         allowed = attention_mask(T, cfg.is_causal, pad_mask)  # (B or 1, 1, T, T)
         x, c_emb = K.embedding_forward(idx, p["wte.weight"], p["wpe.weight"])  # (B, T, C)
