@@ -438,9 +438,9 @@ def add_peak_fractions(sizes: dict) -> float:
 
 
 def _summarise(runs, flops, tokens, peak_flops) -> dict:
-    """Medians (and bests) of rested, alternated calls -> ms, tokens/s, GFLOP/s (run_bench
-    adds each side's fraction of the run's best matmul peak); each side's CPU use (its CPU time / wall time, in cores) and the cores other
-    processes used meanwhile."""
+    """Medians (and bests) of rested, alternated calls -> ms, tokens/s, GFLOP/s (`run` adds
+    each side's fraction of the run's best matmul: add_peak_fractions); each side's CPU use
+    (its CPU time / wall time, in cores) and the cores other processes used meanwhile."""
     runs = dict(runs)
     peak_times = [r["wall"] for r in runs.pop("matmul_peak")]
     res = {"peak_gflops": peak_flops / statistics.median(peak_times) / 1e9,

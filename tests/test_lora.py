@@ -23,6 +23,7 @@ from transferlab.lora import (
     TARGETS,
     adapter_names,
     add_lora,
+    attach,
     from_peft,
     load_adapters,
     lora_linear_backward,
@@ -430,8 +431,7 @@ def test_from_peft_refuses_what_it_cannot_represent():
 def lora_model(dropout, batch_threads=1):
     """tiny_gpt (model dropout 0) with adapters on c_attn and a nonzero B (a trained adapter),
     so dropout on the LoRA branch changes the output."""
-    from transferlab import lora
-    model = lora.attach(tiny_gpt(), r=R, alpha=ALPHA, dropout=dropout)
+    model = attach(tiny_gpt(), r=R, alpha=ALPHA, dropout=dropout)
     model.batch_threads = batch_threads
     r = rng(3)
     for name in model.params:
