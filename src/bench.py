@@ -847,6 +847,72 @@ def format_kernel_gains(result) -> str:
 
 
 # ----------------------------------------------------------------------------------------
+# --optimizer: the optimizer step alone
+
+
+def bench_optimizer(name, repeat, torch=None, threads=1) -> dict:
+    """The AdamW step and the gradient norm alone, on one backward's gradients, median wall
+    ms, rested and alternated: the update rule called once per whole parameter (the step
+    before it ran in chunks), AdamW in chunks on 1 and on `threads` threads, PyTorch's
+    AdamW; clip_grad_norm against torch.nn.utils.clip_grad_norm_ (max_norm large: the
+    norm is computed, nothing is scaled)."""
+    from transferlab.optim import adamw_update, clip_grad_norm
+
+    spec = SIZES[name]
+    if name == "gpt2":
+        repeat = min(repeat, GPT2_REPEAT)
+    model, idx, targets = lm_batch(spec)
+    model(idx, targets)
+    grads = model.backward()
+    params = model.params
+    state = {n: (np.zeros_like(p), np.zeros_like(p)) for n, p in params.items()}
+    steps = [0]
+
+    def whole_arrays():  # what AdamW.step did before chunks: one call per parameter
+        steps[0] += 1
+        for n, p in params.items():
+            adamw_update(p, grads[n], *state[n], steps[0], lr=1e-4, betas=(0.9, 0.999),
+                         eps=1e-8, weight_decay=0.01 if p.ndim >= 2 else 0.0)
+
+    fns = {"whole": whole_arrays}
+    for t in sorted({1, threads}):
+        opt = make_adamw(params)
+        opt.threads = t
+        fns[f"chunks/{t}"] = functools.partial(opt.step, grads)
+    fns["clip"] = lambda: clip_grad_norm(grads, 1e30)
+    if torch is not None:
+        tmodel = TorchGPT(torch, model)
+        tmodel.fwd_bwd(torch.tensor(idx), torch.tensor(targets))
+        topt = tmodel.adamw()
+        fns["torch"] = topt.step
+        fns["torch_clip"] = lambda: torch.nn.utils.clip_grad_norm_(tmodel.parameters(), 1e30)
+    runs = rested(fns, repeat, 1)
+    out = {"entries": int(sum(p.size for p in params.values())), "repeat": repeat,
+           **{f"{k}_ms": median_ms([r["wall"] for r in rs]) for k, rs in runs.items()}}
+    if torch is not None:
+        out["chunks_vs_torch"] = out[f"chunks/{threads}_ms"] / out["torch_ms"]
+        out["clip_vs_torch"] = out["clip_ms"] / out["torch_clip_ms"]
+    return out
+
+
+def format_optimizer(result) -> str:
+    t = result["threads"]["numpy_blas"]
+    lines = [f"the AdamW step and the gradient norm alone, on one backward's gradients, median "
+             f"wall ms ({t} threads): the update rule on whole arrays (the step before "
+             f"chunks), AdamW in chunks on 1 and {t} threads, PyTorch's AdamW",
+             f"{'size':7} {'entries':>11} {'whole':>9} {'chunks/1':>9} {f'chunks/{t}':>9} "
+             f"{'torch':>9} {'vs torch':>8} | {'clip':>8} {'torch':>8} {'vs torch':>8}"]
+    for name, r in result["sizes"].items():
+        tch = (f"{r['torch_ms']:9.1f} {r['chunks_vs_torch']:8.2f}" if "torch_ms" in r
+               else f"{'-':>9} {'-':>8}")
+        tclip = (f"{r['torch_clip_ms']:8.1f} {r['clip_vs_torch']:8.2f}" if "torch_clip_ms" in r
+                 else f"{'-':>8} {'-':>8}")
+        lines.append(f"{name:7} {r['entries']:11d} {r['whole_ms']:9.1f} {r['chunks/1_ms']:9.1f} "
+                     f"{r[f'chunks/{t}_ms']:9.1f} {tch} | {r['clip_ms']:8.1f} {tclip}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
 # --compare-layers REV: the kernels of an older revision against the working tree
 
 
@@ -1179,6 +1245,9 @@ def main(argv=None) -> int:
                         help="instead: time layers.py of git revision REV against the working tree")
     parser.add_argument("--kernels", action="store_true",
                         help="instead: each fast kernel against its plain and in-place forms")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="instead: the AdamW step and the gradient norm alone, whole arrays "
+                             "against chunks in 1 and N threads, and PyTorch's")
     parser.add_argument("--generate", action="store_true",
                         help="instead: KV-cached generation tokens/s against Hugging Face's generate")
     parser.add_argument("--malloc", action="store_true",
@@ -1222,6 +1291,19 @@ def main(argv=None) -> int:
                   f"  same tokens: {r['same_tokens']}") if "torch_tokens_per_s" in r else ""
             print(f"{n:<7} generate {r['new_tokens']} after {r['prompt_tokens']}: "
                   f"NumPy {r['numpy_tokens_per_s']:8.1f} tokens/s{hf}")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    if args.optimizer:
+        torch = import_torch() if args.use_torch else None
+        threads = set_threads(args.threads or available_cores(), torch)
+        load = load_average()
+        result = {"load_before": load, "threads": threads,
+                  "sizes": {n: bench_optimizer(n, args.repeat, torch, threads["numpy_blas"])
+                            for n in args.sizes}}
+        result["load_after"] = load_average()
+        print(f"load average (1, 5, 15 min) before: {load}, after: {result['load_after']}")
+        print(format_optimizer(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0

@@ -199,6 +199,21 @@ def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
     assert "attention" in bench.format_kernel_gains({"tiny": result})
 
 
+def test_optimizer_bench_times_every_form_of_the_step(tmp_path, restore_threads, capsys):
+    """--optimizer: the update rule on whole arrays, AdamW in chunks on 1 and N threads,
+    clip_grad_norm, and PyTorch's two when installed; the report names every column."""
+    out = tmp_path / "opt.json"
+    assert bench.main(["--optimizer", "--sizes", "tiny", "--repeat", "1", "--rest", "0.0",
+                       "--threads", "2", "--json", str(out)]) == 0
+    tiny = json.loads(out.read_text())["sizes"]["tiny"]
+    assert tiny["entries"] == sum(p.size for p in bench.lm_batch(bench.SIZES["tiny"])[0].params.values())
+    threads = json.loads(out.read_text())["threads"]["numpy_blas"]
+    for key in ("whole_ms", "chunks/1_ms", f"chunks/{threads}_ms", "clip_ms"):
+        assert tiny[key] > 0
+    assert ("torch_ms" in tiny) == (torch is not None)
+    assert "chunks/1" in capsys.readouterr().out
+
+
 def test_generate_bench_reports_tokens_per_second_and_agrees_with_hugging_face(tmp_path, restore_threads):
     """--generate: KV-cached greedy generation timed beside Hugging Face's generate on the same
     weights; both must produce the same tokens, else the timing compares different work."""

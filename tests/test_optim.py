@@ -626,3 +626,134 @@ def test_a_zero_d_mask_is_read_as_one_number():
     assert set(opt.state) == {"b"}
     np.testing.assert_array_equal(p["w"], np.ones((3, 4)))
     assert (p["b"] < 1).all()
+
+
+# ----------------------------------------------------------------------------------------
+# a step in cache-sized chunks and in threads: the numbers of one whole-array call
+
+
+def big_params(dtype):
+    """Parameters of several chunks each (a chunk is CHUNK_BYTES per operand), a
+    non-multiple of the chunk size, and small ones that run whole."""
+    rng = np.random.default_rng(3)
+    shapes = {"wte.weight": (1000, 1201), "h.0.mlp.c_fc.weight": (257, 513), "h.0.ln_1.bias": (7,)}
+    return {n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()}
+
+
+def spy_on_threads(monkeypatch):
+    """Let every step run in threads however small (THREADS_FROM = 0), and record how many
+    shares each threaded step dealt out."""
+    from transferlab import optim
+
+    shares = []
+
+    def spy(fn, items):
+        items = list(items)
+        shares.append(len(items))
+        return in_threads(fn, items)
+
+    in_threads = optim.in_threads
+    monkeypatch.setattr(optim, "THREADS_FROM", 0)
+    monkeypatch.setattr(optim, "in_threads", spy)
+    return shares
+
+
+@pytest.mark.parametrize("make_opt, rule", [
+    (lambda p, t: AdamW(p, lr=1e-2, weight_decay=0.1, threads=t), "adamw"),
+    (lambda p, t: SGD(p, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1, threads=t),
+     "sgd"),
+])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_chunked_threaded_steps_equal_the_whole_array_rule_bit_for_bit(make_opt, rule,
+                                                                      threads, dtype,
+                                                                      monkeypatch):
+    from transferlab.kernels import CHUNK_BYTES
+    from transferlab.optim import MIN_CHUNKS, adamw_update, sgd_update
+
+    shares = spy_on_threads(monkeypatch)
+    params = big_params(dtype)
+    assert params["wte.weight"].nbytes > MIN_CHUNKS * CHUNK_BYTES  # chunks, a ragged last one
+    ref = copy_params(params)
+    state = {n: (np.zeros_like(p), np.zeros_like(p)) for n, p in ref.items()}
+    opt = make_opt(params, threads)
+    rng = np.random.default_rng(0)
+    for t in range(1, 4):
+        grads = {n: rng.standard_normal(p.shape).astype(dtype) for n, p in params.items()}
+        opt.step(grads)
+        for n, p in ref.items():  # the plain rule, one call on the whole array
+            wd = 0.1 if p.ndim >= 2 else 0.0
+            if rule == "adamw":
+                adamw_update(p, grads[n], *state[n], t, lr=1e-2, betas=(0.9, 0.999),
+                             eps=1e-8, weight_decay=wd)
+            else:
+                sgd_update(p, grads[n], state[n][0], lr=1e-2, momentum=0.9, nesterov=True,
+                           weight_decay=wd)
+        for n in params:
+            assert params[n].dtype == dtype
+            np.testing.assert_array_equal(params[n], ref[n])
+            np.testing.assert_array_equal(opt.state[n][opt.state_keys[0]], state[n][0])
+    assert shares == ([threads] * 3 if threads > 1 else [])  # every step ran in threads
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_chunked_masked_step_equals_the_whole_array_masked_step(threads, monkeypatch):
+    from transferlab.optim import adamw_update
+
+    shares = spy_on_threads(monkeypatch)
+    params = big_params(np.float32)
+    ref = copy_params(params)
+    rng = np.random.default_rng(1)
+    masks = {n: M.read_only((rng.random(p.shape) < 0.6).astype(np.float32))  # wte: 11 chunks
+             for n, p in params.items()}
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, masks=masks, threads=threads)
+    grads = {n: rng.standard_normal(p.shape).astype(np.float32) for n, p in params.items()}
+    opt.step(grads)
+    for n, p in ref.items():  # the update written out: the masked entries alone, whole
+        k = np.flatnonzero(masks[n])
+        p_k, g_k = p.reshape(-1)[k], grads[n].reshape(-1)[k]
+        m, v = np.zeros_like(p_k), np.zeros_like(p_k)
+        adamw_update(p_k, g_k, m, v, 1, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                     weight_decay=0.1 if p.ndim >= 2 else 0.0)
+        p.reshape(-1)[k] = p_k
+        np.testing.assert_array_equal(params[n], p)
+        np.testing.assert_array_equal(opt.state[n]["exp_avg_sq"].reshape(-1)[k], v)
+    assert shares == ([threads] if threads > 1 else [])
+
+
+def test_in_chunks_gives_views_that_cover_the_array_and_keeps_strided_operands_whole():
+    from transferlab.optim import Update, in_chunks
+
+    p, g, m = np.zeros((10, 7)), np.ones((10, 7)), np.zeros((10, 7))
+    chunks = in_chunks(Update(p, g, {"m": m}, 1, 0.1, True), chunk_bytes=8 * 8)
+    assert [c.p.size for c in chunks] == [8] * 8 + [6]
+    for i, c in enumerate(chunks):
+        np.add(c.p, i + 1, out=c.p)  # writing a chunk writes the parameter
+        np.subtract(c.arrays["m"], 1, out=c.arrays["m"])
+    assert np.array_equal(p.reshape(-1), np.repeat(np.arange(1, 10), [8] * 8 + [6]))
+    assert (m == -1).all()
+    broadcast = np.broadcast_to(np.zeros(()), (10, 7))  # a frozen tensor's zero gradient
+    whole = Update(p, broadcast, {"m": m}, 1, 0.1, True)
+    assert in_chunks(whole, chunk_bytes=8 * 8) == [whole]
+    assert in_chunks(Update(p.T, g.T, {"m": m.T}, 1, 0.1, True), chunk_bytes=8)[0].p.shape == (7, 10)
+    small = Update(p, g, {"m": m}, 1, 0.1, True)  # 70 entries: fewer than MIN_CHUNKS chunks of 16
+    assert in_chunks(small, chunk_bytes=8 * 16) == [small]
+    k = np.arange(0, 70, 2)  # 35 trainable entries in chunks of 4 indices
+    assert [c.k.tolist() for c in in_chunks(small._replace(k=k), chunk_bytes=8 * 4)] == \
+        [k[i:i + 4].tolist() for i in range(0, 35, 4)]
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_a_bad_thread_count_is_refused_naming_it(threads):
+    with pytest.raises(ValueError, match=rf"threads must be a positive integer.*{threads!r}"):
+        AdamW(make_params(), threads=threads)
+
+
+def test_a_small_step_stays_in_the_calling_thread(monkeypatch):
+    from transferlab import optim
+
+    called = []
+    monkeypatch.setattr(optim, "in_threads", lambda fn, items: called.append(1))
+    params = big_params(np.float32)  # ~0.4M entries, below THREADS_FROM
+    AdamW(params, threads=2).step({n: np.ones_like(p) for n, p in params.items()})
+    assert not called and (params["wte.weight"] != big_params(np.float32)["wte.weight"]).all()

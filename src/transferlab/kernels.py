@@ -27,6 +27,7 @@ import ctypes
 import dataclasses
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -376,7 +377,8 @@ def attention_backward_tiled(dy, cache):
 
 
 # ----------------------------------------------------------------------------------------
-# BLAS threads (model.batch_threads runs parts of the batch in threads, BLAS at one each)
+# threads: BLAS's pool, and ours (model.batch_threads runs parts of the batch in threads,
+# BLAS at one each; the optimizers update chunks of their parameters in threads)
 
 # numpy's wheels bundle OpenBLAS with renamed symbols; the plain names cover other builds
 _OPENBLAS_THREAD_FUNCS = [
@@ -414,6 +416,28 @@ def blas_threads(n: int):
     finally:
         if before != n:
             funcs[1](ctypes.c_int(before))
+
+
+def blas_thread_count() -> int:
+    """How many threads OpenBLAS runs a call on now (1 if NumPy's BLAS is another one)."""
+    funcs = openblas_thread_funcs()
+    return max(1, int(funcs[0]())) if funcs else 1
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def in_threads(fn, items) -> list:
+    """[fn(item) for item in items], each call in its own thread, with BLAS at one thread
+    each meanwhile (two threads each asking OpenBLAS for two would oversubscribe). The
+    calls release the GIL in NumPy's loops and BLAS, so they run at the same time."""
+    items = list(items)
+    pool = _POOLS.get(len(items))
+    if pool is None:
+        pool = _POOLS[len(items)] = ThreadPoolExecutor(len(items), thread_name_prefix="transferlab")
+    with blas_threads(1):
+        futures = [pool.submit(fn, item) for item in items]
+        return [f.result() for f in futures]
 
 
 # ----------------------------------------------------------------------------------------

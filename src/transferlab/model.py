@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -37,7 +36,7 @@ import numpy as np
 from . import heads as H
 from . import masks as M
 from . import weights
-from .kernels import FAST, KernelTable, blas_threads, kernel_table, reuse_freed_memory
+from .kernels import FAST, KernelTable, in_threads, kernel_table, reuse_freed_memory
 from .knobs import Rule, check_knobs, check_value, knob
 from .layers import attention_mask
 from .lora import lora_linear_backward, lora_linear_forward
@@ -307,21 +306,6 @@ def batch_parts(model, B: int) -> list[slice] | None:
         return None
     bounds = [B * k // n for k in range(n + 1)]
     return [slice(bounds[k], bounds[k + 1]) for k in range(n)]
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def in_threads(fn, items) -> list:
-    """[fn(item) for item in items], each call in its own thread, with BLAS at one thread
-    each meanwhile (two threads each asking OpenBLAS for two would oversubscribe)."""
-    items = list(items)
-    pool = _POOLS.get(len(items))
-    if pool is None:
-        pool = _POOLS[len(items)] = ThreadPoolExecutor(len(items), thread_name_prefix="batch-part")
-    with blas_threads(1):
-        futures = [pool.submit(fn, item) for item in items]
-        return [f.result() for f in futures]
 
 
 def sum_in_order(arrays):

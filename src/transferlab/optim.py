@@ -29,10 +29,11 @@ Docs: docs/optimizers.md.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
+from .kernels import CHUNK_BYTES, blas_thread_count, in_threads
 from .masks import ALL, NONE, trainable_where
 
 __all__ = ["Optimizer", "AdamW", "SGD", "adamw_update", "sgd_update", "clip_grad_norm",
@@ -120,6 +121,76 @@ def sgd_update(p: np.ndarray, g: np.ndarray, momentum_buffer: np.ndarray | None,
             d_p = momentum_buffer
     np.multiply(d_p, lr, out=scratch)
     np.subtract(p, scratch, out=p)
+
+
+# ----------------------------------------------------------------------------------------
+# one step's arithmetic, in cache-sized chunks and in threads
+#
+# An update makes 5-10 elementwise passes over its arrays. Over a whole (50257, 768)
+# embedding each pass streams 150 MB from main memory; over a chunk of 64K entries the
+# four or five operands (~1.3 MB) stay in the L2 cache between passes. Every operation is
+# elementwise, so a chunk's numbers are the whole array's, bit for bit, whatever the chunk
+# size and whichever thread runs it: chunks only change how fast a step is.
+# docs/performance.md#the-optimizer-in-chunks-and-threads
+
+
+class Update(NamedTuple):
+    """One parameter's update: p, g and the state arrays share one shape. With `k`, the
+    arrays are flat and only their entries k (sorted flat indices) are updated."""
+    p: np.ndarray
+    g: np.ndarray
+    arrays: dict[str, np.ndarray]
+    step: int
+    lr: float
+    decays: bool
+    k: np.ndarray | None = None
+
+
+MIN_CHUNKS = 8  # a parameter of fewer chunks runs whole: its few MB stay in cache anyway,
+# and the extra ufunc calls cost more than chunks save (python src/bench.py --optimizer)
+
+
+def in_chunks(u: Update, chunk_bytes: int = CHUNK_BYTES) -> list[Update]:
+    """u as updates of about `chunk_bytes` per operand: views, so updating them updates
+    u's arrays (with `k`: chunks of k, which touch disjoint entries). [u] itself when it
+    has fewer than MIN_CHUNKS chunks' entries, or when an operand is not contiguous (a
+    broadcast zero gradient, a strided parameter): those run whole."""
+    n = max(1, chunk_bytes // u.p.itemsize)
+    if (u.p.size if u.k is None else u.k.size) < MIN_CHUNKS * n:
+        return [u]
+    if u.k is not None:
+        return [u._replace(k=u.k[i:i + n]) for i in range(0, u.k.size, n)]
+    if not all(a.flags.c_contiguous for a in (u.p, u.g, *u.arrays.values())):
+        return [u]
+    p, g = u.p.reshape(-1), u.g.reshape(-1)
+    arrays = {key: a.reshape(-1) for key, a in u.arrays.items()}
+    return [Update(p[i:i + n], g[i:i + n], {key: a[i:i + n] for key, a in arrays.items()},
+                   u.step, u.lr, u.decays) for i in range(0, p.size, n)]
+
+
+THREADS_FROM = 1 << 24  # entries in a step: fewer run in the calling thread alone. Handing
+# chunks to a thread costs ~0.3 ms, and right after a backward OpenBLAS's idle worker
+# still spins on the second core: a medium step (4.8M entries, ~30 ms) gained nothing
+# from two threads, GPT-2 124M's (124M entries) went from 650 to 373 ms in two
+# (docs/performance.md#the-optimizer-in-chunks-and-threads).
+
+
+def run_updates(rule: Callable[[Update], None], updates: list[Update], threads: int) -> None:
+    """rule(u) for every update, in chunks, dealt round-robin to `threads` threads.
+
+    Neighbouring chunks are the same size, so dealing them in turn gives each thread
+    about the same number of entries. A step of fewer than THREADS_FROM entries, or one
+    thread, runs them in the calling thread.
+    """
+    chunks = [c for u in updates for c in in_chunks(u)]
+    entries = sum(u.p.size if u.k is None else u.k.size for u in updates)
+    if threads <= 1 or len(chunks) < 2 or entries < THREADS_FROM:
+        for c in chunks:
+            rule(c)
+        return
+    threads = min(threads, len(chunks))
+    in_threads(lambda share: [rule(c) for c in share],
+               [chunks[i::threads] for i in range(threads)])
 
 
 # ----------------------------------------------------------------------------------------
@@ -217,12 +288,16 @@ class Optimizer:
     masks      name -> 0/1 array broadcastable to the parameter; absent = fully trainable
     lr_scale   name -> multiplier on lr; absent = 1.0
     state      name -> {"step": int, <state arrays>}, created on a parameter's first step
+    threads    how many threads a step's arithmetic runs in; None (default): as many as
+               BLAS runs on (1 in the runner's one-BLAS-thread workers). The numbers are
+               the same for any count (see run_updates)
     """
 
     state_keys: tuple[str, ...] = ()  # names of the per-parameter state arrays
 
     def __init__(self, params: Params, masks: Mapping[str, Any] | None,
-                 lr_scale: Mapping[str, float] | None, decay: None | str | DecayRule) -> None:
+                 lr_scale: Mapping[str, float] | None, decay: None | str | DecayRule,
+                 threads: int | None = None) -> None:
         if not isinstance(params, dict) or not params:
             raise ValueError("params must be a non-empty dict name -> ndarray")
         for name, p in params.items():
@@ -233,6 +308,10 @@ class Optimizer:
         self.decay_rule = _decay_rule(decay)
         self.masks = masks
         self.lr_scale = lr_scale
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                    or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        self.threads = threads  # None: as many as BLAS uses (run_updates)
         self.state: dict[str, dict[str, Any]] = {}
 
     # masks and lr_scale are checked whenever they are (re)assigned, e.g. by gradual
@@ -285,6 +364,7 @@ class Optimizer:
             if name in self.state:
                 self._check_state_shapes(name, self.state[name], p)
             todo.append((name, p, g, where))
+        updates = []
         for name, p, g, where in todo:
             state = self.state.get(name)
             if state is None:
@@ -293,28 +373,31 @@ class Optimizer:
             arrays = {key: state[key] for key in self.state_keys}
             rate, decays = lr * self._lr_scale.get(name, 1.0), self.decay_rule(name, p)
             if where is ALL:  # no mask, or a mask of ones: the plain update, in place
-                self._update(p, g, arrays, state["step"], rate, decays)
-            else:
-                self._update_entries(name, p, g, arrays, where, state["step"], rate, decays)
+                updates.append(Update(p, g, arrays, state["step"], rate, decays))
+            else:  # (p.size,) views: writing them writes p and its state
+                flats = {key: _flat_view(name, a) for key, a in arrays.items()}
+                updates.append(Update(_flat_view(name, p), g.reshape(-1), flats,
+                                      state["step"], rate, decays, where))
+        run_updates(self._run, updates, self.threads or blas_thread_count())
 
-    def _update_entries(self, name: str, p: np.ndarray, g: np.ndarray,
-                        arrays: dict[str, np.ndarray], k: np.ndarray, step: int, lr: float,
-                        decays: bool) -> None:
-        """theta[k] <- theta[k] - update, for the trainable entries k (tau = 1) only.
+    def _run(self, u: Update) -> None:
+        """One update (or chunk of one): the whole arrays, or only the entries u.k.
 
-        `k` holds their flat indices in C order (masks.trainable_where). Gathers those
-        entries of p, g and the state arrays into short vectors, runs the ordinary update
-        on them, and scatters the results back. The frozen entries and their state are
-        never read nor written, so they stay bit-identical, and the trainable ones get
-        exactly the numbers an unmasked update would give them.
+        theta[k] <- theta[k] - update, for the trainable entries k (tau = 1) only: `k`
+        holds their flat indices in C order (masks.trainable_where). Gathers those entries
+        of p, g and the state arrays into short vectors, runs the ordinary update on them,
+        and scatters the results back. The frozen entries and their state are never read
+        nor written, so they stay bit-identical, and the trainable ones get exactly the
+        numbers an unmasked update would give them.
         """
-        p_flat = _flat_view(name, p)  # (p.size,) views: writing them writes p and its state
-        flats = {key: _flat_view(name, a) for key, a in arrays.items()}
-        p_k, arrays_k = p_flat[k], {key: a[k] for key, a in flats.items()}  # (K,) copies
-        self._update(p_k, g.reshape(-1)[k], arrays_k, step, lr, decays)
-        p_flat[k] = p_k
-        for key, a in flats.items():
-            a[k] = arrays_k[key]
+        if u.k is None:
+            self._update(u.p, u.g, u.arrays, u.step, u.lr, u.decays)
+            return
+        p_k, arrays_k = u.p[u.k], {key: a[u.k] for key, a in u.arrays.items()}  # (K,) copies
+        self._update(p_k, u.g[u.k], arrays_k, u.step, u.lr, u.decays)
+        u.p[u.k] = p_k
+        for key, a in u.arrays.items():
+            a[u.k] = arrays_k[key]
 
     def _init_state(self, p: np.ndarray) -> dict[str, Any]:
         # C order, like the parameter, so the masked path can view both as flat vectors
@@ -403,8 +486,8 @@ class AdamW(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.01,
                  masks: Mapping[str, Any] | None = None,
                  lr_scale: Mapping[str, float] | None = None,
-                 decay: None | str | DecayRule = None) -> None:
-        super().__init__(params, masks, lr_scale, decay)
+                 decay: None | str | DecayRule = None, threads: int | None = None) -> None:
+        super().__init__(params, masks, lr_scale, decay, threads)
         self.set_hyperparameters(
             {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
@@ -441,8 +524,8 @@ class SGD(Optimizer):
                  nesterov: bool = False, weight_decay: float = 0.0,
                  masks: Mapping[str, Any] | None = None,
                  lr_scale: Mapping[str, float] | None = None,
-                 decay: None | str | DecayRule = None) -> None:
-        super().__init__(params, masks, lr_scale, decay)
+                 decay: None | str | DecayRule = None, threads: int | None = None) -> None:
+        super().__init__(params, masks, lr_scale, decay, threads)
         self.set_hyperparameters({"lr": lr, "momentum": momentum, "nesterov": nesterov,
                                   "weight_decay": weight_decay})
 
@@ -507,9 +590,12 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray | None], max_norm: float,
         entries = g.reshape(-1)
         if where is not ALL:  # only the trainable entries count
             entries = entries[where]
-        # summed in float64 so a float32 gradient's norm is not rounded away
-        entries = entries.astype(np.float64, copy=False)
-        sum_sq += float(np.dot(entries, entries))
+        # summed in float64 so a float32 gradient's norm is not rounded away, a chunk at
+        # a time: no float64 copy of a whole (V, C) gradient, twice as fast at GPT-2's size
+        n = max(1, CHUNK_BYTES // entries.itemsize)
+        for i in range(0, entries.size, n):
+            part = entries[i:i + n].astype(np.float64, copy=False)
+            sum_sq += float(np.dot(part, part))
     norm = math.sqrt(sum_sq)
     clip_coef = max_norm / (norm + 1e-6)
     if clip_coef < 1.0:
