@@ -1059,17 +1059,36 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def quiet_verdict(load_before, others) -> tuple[bool, str]:
+def quiet_verdict(load_before, others, busy=()) -> tuple[bool, str]:
     """Was the machine quiet? The 1-minute load before the run, and the cores other
     processes used during our timed calls (load averages include our own threads, so the
-    load after a run says little; /proc/stat minus our CPU time says who else ran)."""
+    load after a run says little; /proc/stat minus our CPU time says who else ran).
+    `busy` names the rows where others went over the limit, so the reason says which rows
+    a reader must not quote (the others were timed on a quiet machine)."""
     reasons = []
     if load_before and load_before[0] > QUIET_LOAD:
         reasons.append(f"1-min load {load_before[0]} > {QUIET_LOAD} before the run")
     if others is not None and others > QUIET_OTHERS:
+        where = f" in {', '.join(busy)}" if busy else ""
         reasons.append(f"other processes used {others:.2f} cores during the timed calls "
-                       f"(> {QUIET_OTHERS})")
+                       f"(> {QUIET_OTHERS}){where}")
     return (not reasons), "; ".join(reasons) or "quiet"
+
+
+def others_by_row(sizes: dict) -> dict:
+    """'size step' (and 'size step batch/N') -> cores other processes used in that row."""
+    rows = {}
+    for name, r in sizes.items():
+        for key, label in (("fwd_bwd", "fwd+bwd"), ("train_step", "train step")):
+            for field, suffix in (("numpy_others_cpu", ""), ("numpy_threads_others_cpu", " batch/N")):
+                if r[key].get(field) is not None:
+                    rows[f"{name} {label}{suffix}"] = r[key][field]
+    return rows
+
+
+def _busy(x) -> str:
+    """The report's mark after a row whose others went over the limit."""
+    return "  <- busy" if x is not None and x > QUIET_OTHERS else ""
 
 
 def _fmt(x, spec="8.2f", missing="-"):
@@ -1113,7 +1132,8 @@ def format_report(result) -> str:
                 f"{_fmt(one.get('numpy_cpu_ms'), '8.1f')} {_fmt(one.get('torch_cpu_ms'), '8.1f')} "
                 f"{_fmt(one.get('ratio_cpu'), '8.2f')} | {s['numpy_cpu_use']:4.2f} "
                 f"{_fmt(s.get('torch_cpu_use'), '5.2f')} {_fmt(s.get('numpy_others_cpu'), '6.2f')} | "
-                f"{s['numpy_gflops']:7.1f} {100 * s['numpy_peak_fraction']:5.1f}%")
+                f"{s['numpy_gflops']:7.1f} {100 * s['numpy_peak_fraction']:5.1f}%"
+                + _busy(s.get('numpy_others_cpu')))
             if "numpy_threads_ms" in s:
                 lines.append(
                     f"{'':7} {'  batch/' + str(th['requested']):10} {s['numpy_threads_ms']:9.1f} "
@@ -1121,7 +1141,8 @@ def format_report(result) -> str:
                     f"{_fmt(s.get('ratio_threads_best'), '6.2f')} | {'':8} {'':8} {'':8} | "
                     f"{s['numpy_threads_cpu_use']:4.2f} {'':5} "
                     f"{_fmt(s.get('numpy_threads_others_cpu'), '6.2f')} | "
-                    f"{s['numpy_threads_gflops']:7.1f} {100 * s['numpy_threads_peak_fraction']:5.1f}%")
+                    f"{s['numpy_threads_gflops']:7.1f} {100 * s['numpy_threads_peak_fraction']:5.1f}%"
+                    + _busy(s.get('numpy_threads_others_cpu')))
         if "loss_torch" in r:
             lines.append(f"{'':7} same weights, same batch: loss numpy {r['loss_numpy']:.6f}, "
                          f"torch {r['loss_torch']:.6f}; load (1 min) {r['load_before'][0]} -> "
@@ -1209,9 +1230,9 @@ def run(sizes=tuple(SIZES), repeat=7, threads=None, scaling=True, feature_cache=
     peak = add_peak_fractions(result["sizes"])
     result["machine"] = machine_info(thread_info, peak, torch)
     result["machine"]["load_average_before_after"] = [load_before, load_average()]
-    others = [r[k]["numpy_others_cpu"] for r in result["sizes"].values()
-              for k in ("fwd_bwd", "train_step") if r[k]["numpy_others_cpu"] is not None]
-    quiet, why = quiet_verdict(load_before, max(others) if others else None)
+    others = others_by_row(result["sizes"])
+    busy = [row for row, x in others.items() if x > QUIET_OTHERS]
+    quiet, why = quiet_verdict(load_before, max(others.values()) if others else None, busy)
     result["quiet"] = {"quiet": quiet, "why": why, "load_limit": QUIET_LOAD,
                        "others_limit": QUIET_OTHERS}
     result["max_rss_mb"] = max_rss_mb()

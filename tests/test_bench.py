@@ -119,6 +119,17 @@ def test_quiet_verdict_names_the_reason():
     assert bench.quiet_verdict([0.2, 0.3, 0.4], 0.05) == (True, "quiet")
     quiet, why = bench.quiet_verdict([3.1, 2.0, 1.0], 1.4)
     assert not quiet and "load 3.1" in why and "1.40 cores" in why
+    quiet, why = bench.quiet_verdict([0.1, 0.1, 0.1], 0.52, ["tiny fwd+bwd", "tiny fwd+bwd batch/N"])
+    assert not quiet and why.endswith("in tiny fwd+bwd, tiny fwd+bwd batch/N")
+
+
+def test_the_rows_other_processes_disturbed_are_named_and_marked():
+    row = {"numpy_others_cpu": 0.02, "numpy_threads_others_cpu": 0.46}
+    sizes = {"tiny": {"fwd_bwd": row, "train_step": {"numpy_others_cpu": 0.30}},
+             "gpt2": {"fwd_bwd": {"numpy_others_cpu": 0.01}, "train_step": {"numpy_others_cpu": None}}}
+    assert bench.others_by_row(sizes) == {"tiny fwd+bwd": 0.02, "tiny fwd+bwd batch/N": 0.46,
+                                          "tiny train step": 0.30, "gpt2 fwd+bwd": 0.01}
+    assert bench._busy(0.46) and not bench._busy(0.25) and not bench._busy(None)
 
 
 def test_scaling_rows_cover_each_length_and_batch(restore_threads):
