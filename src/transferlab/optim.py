@@ -22,7 +22,8 @@ mask masks.py makes) once and remembers the answer, so a step does not re-derive
 The arithmetic of one step lives in two plain functions, `adamw_update` and `sgd_update`,
 written in the same operation order as PyTorch's single-tensor (foreach=False) code, so
 a float64 run matches torch.optim to ~1e-15. The classes only do the bookkeeping: which
-parameters and entries move, at which rate, with which state.
+parameters and entries move, at which rate, with which state; and how a large step runs
+(in cache-sized chunks, in threads: `run_updates`), which never changes its numbers.
 
 Docs: docs/optimizers.md.
 """
