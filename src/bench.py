@@ -867,12 +867,13 @@ def bench_optimizer(name, repeat, torch=None, threads=1) -> dict:
     params = model.params
     state = {n: (np.zeros_like(p), np.zeros_like(p)) for n, p in params.items()}
     steps = [0]
+    ref = make_adamw(params)  # the settings and decay rule the chunked contenders use
 
     def whole_arrays():  # what AdamW.step did before chunks: one call per parameter
         steps[0] += 1
         for n, p in params.items():
-            adamw_update(p, grads[n], *state[n], steps[0], lr=1e-4, betas=(0.9, 0.999),
-                         eps=1e-8, weight_decay=0.01 if p.ndim >= 2 else 0.0)
+            adamw_update(p, grads[n], *state[n], steps[0], lr=ref.lr, betas=ref.betas,
+                         eps=ref.eps, weight_decay=ref.weight_decay if ref.decay_rule(n, p) else 0.0)
 
     fns = {"whole": whole_arrays}
     for t in sorted({1, threads}):

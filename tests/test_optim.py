@@ -754,6 +754,6 @@ def test_a_small_step_stays_in_the_calling_thread(monkeypatch):
 
     called = []
     monkeypatch.setattr(optim, "in_threads", lambda fn, items: called.append(1))
-    params = big_params(np.float32)  # ~0.4M entries, below THREADS_FROM
+    params = big_params(np.float32)  # ~1.3M entries, below THREADS_FROM (2^24)
     AdamW(params, threads=2).step({n: np.ones_like(p) for n, p in params.items()})
     assert not called and (params["wte.weight"] != big_params(np.float32)["wte.weight"]).all()

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from .kernels import CHUNK_BYTES, blas_thread_count, in_threads
+from .kernels import CHUNK_BYTES, blas_thread_count, in_threads, row_chunks
 from .masks import ALL, NONE, trainable_where
 
 __all__ = ["Optimizer", "AdamW", "SGD", "adamw_update", "sgd_update", "clip_grad_norm",
@@ -127,7 +127,8 @@ def sgd_update(p: np.ndarray, g: np.ndarray, momentum_buffer: np.ndarray | None,
 # ----------------------------------------------------------------------------------------
 # one step's arithmetic, in cache-sized chunks and in threads
 #
-# An update makes 5-10 elementwise passes over its arrays. Over a whole (50257, 768)
+# An AdamW update makes about a dozen elementwise passes over its arrays (SGD fewer).
+# Over a whole (50257, 768)
 # embedding each pass streams 150 MB from main memory; over a chunk of 64K entries the
 # four or five operands (~1.3 MB) stay in the L2 cache between passes. Every operation is
 # elementwise, so a chunk's numbers are the whole array's, bit for bit, whatever the chunk
@@ -146,6 +147,11 @@ class Update(NamedTuple):
     decays: bool
     k: np.ndarray | None = None
 
+    @property
+    def size(self) -> int:
+        """How many entries the update changes: all of p's, or len(k)."""
+        return self.p.size if self.k is None else self.k.size
+
 
 MIN_CHUNKS = 8  # a parameter of fewer chunks runs whole: its few MB stay in cache anyway,
 # and the extra ufunc calls cost more than chunks save (python src/bench.py --optimizer)
@@ -156,17 +162,17 @@ def in_chunks(u: Update, chunk_bytes: int = CHUNK_BYTES) -> list[Update]:
     u's arrays (with `k`: chunks of k, which touch disjoint entries). [u] itself when it
     has fewer than MIN_CHUNKS chunks' entries, or when an operand is not contiguous (a
     broadcast zero gradient, a strided parameter): those run whole."""
-    n = max(1, chunk_bytes // u.p.itemsize)
-    if (u.p.size if u.k is None else u.k.size) < MIN_CHUNKS * n:
+    slices = row_chunks(u.size, u.p.itemsize, chunk_bytes)  # an entry is a "row" here
+    if len(slices) < MIN_CHUNKS:
         return [u]
     if u.k is not None:
-        return [u._replace(k=u.k[i:i + n]) for i in range(0, u.k.size, n)]
+        return [u._replace(k=u.k[s]) for s in slices]
     if not all(a.flags.c_contiguous for a in (u.p, u.g, *u.arrays.values())):
         return [u]
     p, g = u.p.reshape(-1), u.g.reshape(-1)
     arrays = {key: a.reshape(-1) for key, a in u.arrays.items()}
-    return [Update(p[i:i + n], g[i:i + n], {key: a[i:i + n] for key, a in arrays.items()},
-                   u.step, u.lr, u.decays) for i in range(0, p.size, n)]
+    return [Update(p[s], g[s], {key: a[s] for key, a in arrays.items()}, u.step, u.lr, u.decays)
+            for s in slices]
 
 
 THREADS_FROM = 1 << 24  # entries in a step: fewer run in the calling thread alone. Handing
@@ -184,8 +190,7 @@ def run_updates(rule: Callable[[Update], None], updates: list[Update], threads: 
     thread, runs them in the calling thread.
     """
     chunks = [c for u in updates for c in in_chunks(u)]
-    entries = sum(u.p.size if u.k is None else u.k.size for u in updates)
-    if threads <= 1 or len(chunks) < 2 or entries < THREADS_FROM:
+    if threads <= 1 or len(chunks) < 2 or sum(u.size for u in updates) < THREADS_FROM:
         for c in chunks:
             rule(c)
         return
@@ -593,9 +598,8 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray | None], max_norm: float,
             entries = entries[where]
         # summed in float64 so a float32 gradient's norm is not rounded away, a chunk at
         # a time: no float64 copy of a whole (V, C) gradient, twice as fast at GPT-2's size
-        n = max(1, CHUNK_BYTES // entries.itemsize)
-        for i in range(0, entries.size, n):
-            part = entries[i:i + n].astype(np.float64, copy=False)
+        for s in row_chunks(entries.size, entries.itemsize):
+            part = entries[s].astype(np.float64, copy=False)
             sum_sq += float(np.dot(part, part))
     norm = math.sqrt(sum_sq)
     clip_coef = max_norm / (norm + 1e-6)
