@@ -177,9 +177,9 @@ def in_chunks(u: Update, chunk_bytes: int = CHUNK_BYTES) -> list[Update]:
 
 THREADS_FROM = 1 << 24  # entries in a step: fewer run in the calling thread alone. Handing
 # chunks to a thread costs ~0.3 ms, and right after a backward OpenBLAS's idle worker
-# still spins on the second core: a medium step (4.8M entries, ~30 ms) gained nothing
-# from two threads, GPT-2 124M's (124M entries) went from 650 to 373 ms in two
-# (docs/performance.md#the-optimizer-in-chunks-and-threads).
+# still spins on the second core: a medium step (4.8M entries) gained 10% from two
+# threads even rested, GPT-2 124M's (124M entries) went from 650 to 373 ms in two; the
+# threshold between is not tuned (docs/performance.md#the-optimizer-in-chunks-and-threads).
 
 
 def run_updates(rule: Callable[[Update], None], updates: list[Update], threads: int) -> None:
