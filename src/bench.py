@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import inspect
 import json
 import os
 import platform
@@ -782,9 +783,13 @@ def profile_torch(torch, name, steps=5, top=10, spec=None) -> dict:
 def kernel_gains(sizes, repeat=7, rest=0.05) -> dict:
     """CPU ms (best of `repeat`, one BLAS thread) of one layer's forward+backward on each
     size's shapes: the plain form (layers.py), the in-place form (kernels.*_fast) and the
-    table's form (chunked GELU and LayerNorm, tiled attention), side by side."""
+    table's form (chunked GELU and LayerNorm, tiled attention), side by side; and the LM
+    loss (cross-entropy and its gradient on the (B*T, V) logits) and the tied embedding's
+    backward (its rows added into the LM head's gradient of wte), which have no in-place
+    form (None)."""
     from transferlab import kernels as K
     from transferlab import layers as L
+    from transferlab import losses
 
     def best_cpu_ms(fn):
         fn()
@@ -830,19 +835,34 @@ def kernel_gains(sizes, repeat=7, rest=0.05) -> dict:
             dout, *a = args[layer]
             ms = [best_cpu_ms(fwd_bwd(f, bwd, dout, *a)) for f, bwd in pairs]
             result[name][layer] = dict(zip(("plain_ms", "inplace_ms", "table_ms"), ms))
+        V = sp["vocab_size"]
+        logits = rng.standard_normal((B * T, V), dtype=np.float32)  # the LM head's (B*T, V)
+        targets = rng.integers(0, V, B * T)
+        idx = rng.integers(0, V, (B, T))
+        emb_cache, head_dwte = (idx, (V, C), (T, C)), np.zeros((V, C), np.float32)
+        calls = {"cross_entropy": (losses.cross_entropy, K.cross_entropy_chunked, (logits, targets)),
+                 "embedding": (L.embedding_backward, K.embedding_backward_rows, (dy, emb_cache, head_dwte))}
+        for layer, (plain, table, a) in calls.items():
+            result[name][layer] = {"plain_ms": best_cpu_ms(lambda: plain(*a)), "inplace_ms": None,
+                                   "table_ms": best_cpu_ms(lambda: table(*a))}
     return result
 
 
 def format_kernel_gains(result) -> str:
     lines = ["one layer's forward+backward, CPU ms, one thread (best of repeats): plain "
              "(layers.py), in-place (kernels.*_fast), the fast table's form (chunked / tiled)",
-             f"{'size':7} {'layer':10} {'plain':>8} {'in-place':>9} {'table':>8} "
+             f"{'size':7} {'layer':13} {'plain':>8} {'in-place':>9} {'table':>8} "
              f"{'vs in-place':>11} {'vs plain':>9}"]
     for name, layers in result.items():
         for layer, r in layers.items():
-            lines.append(f"{name:7} {layer:10} {r['plain_ms']:8.2f} {r['inplace_ms']:9.2f} "
-                         f"{r['table_ms']:8.2f} {r['inplace_ms'] / r['table_ms']:10.2f}x "
-                         f"{r['plain_ms'] / r['table_ms']:8.2f}x")
+            inplace = r["inplace_ms"]
+            lines.append(f"{name:7} {layer:13} {r['plain_ms']:8.2f} "
+                         + (f"{'-':>9} {r['table_ms']:8.2f} {'-':>11} " if inplace is None else
+                            f"{inplace:9.2f} {r['table_ms']:8.2f} {inplace / r['table_ms']:10.2f}x ")
+                         + f"{r['plain_ms'] / r['table_ms']:8.2f}x")
+    lines.append("cross_entropy: the LM loss and its gradient on (B*T, V) logits (losses.cross_entropy, "
+                 "kernels.cross_entropy_chunked); embedding: its backward into the tied LM head's "
+                 "gradient (layers.embedding_backward, kernels.embedding_backward_rows)")
     return "\n".join(lines)
 
 
@@ -970,11 +990,21 @@ def layers_from_git(rev: str):
 
 def kernels_from_module(module, rev: str):
     """A KernelTable of `module`'s layer functions (an older layers.py, whose fast forms
-    carried the plain names), falling back to the current fast form for any it lacks."""
-    from transferlab.kernels import FAST, KernelTable
+    carried the plain names), falling back to the current fast form for any it lacks or
+    whose older form lacks a parameter the model now passes (embedding_backward's
+    head_dwte)."""
+    from transferlab.kernels import FAST, PLAIN, KernelTable
+
+    def usable(name):
+        old = getattr(module, name, None)
+        if old is None:
+            return False
+        wanted = inspect.signature(getattr(PLAIN, name)).parameters
+        return set(wanted) <= set(inspect.signature(old).parameters)
 
     names = FAST.functions()
-    return KernelTable(f"layers.py@{rev}", **{n: getattr(module, n, fn) for n, fn in names.items()})
+    return KernelTable(f"layers.py@{rev}",
+                       **{n: getattr(module, n) if usable(n) else fn for n, fn in names.items()})
 
 
 def compare_layers(rev, sizes, repeat, rounds=3) -> dict:

@@ -204,10 +204,13 @@ def test_compare_layers_runs_each_side_through_its_own_kernel_table():
 
 def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
     result = bench.kernel_gains(["tiny"], repeat=1, rest=0.0)["tiny"]
-    assert set(result) == {"gelu", "layernorm", "attention"}
-    for r in result.values():
-        assert r["plain_ms"] > 0 and r["inplace_ms"] > 0 and r["table_ms"] > 0
-    assert "attention" in bench.format_kernel_gains({"tiny": result})
+    assert set(result) == {"gelu", "layernorm", "attention", "cross_entropy", "embedding"}
+    for layer, r in result.items():
+        assert r["plain_ms"] > 0 and r["table_ms"] > 0
+        assert (r["inplace_ms"] is None) == (layer in ("cross_entropy", "embedding"))
+    report = bench.format_kernel_gains({"tiny": result})
+    assert "attention" in report
+    assert [line.split()[3] for line in report.splitlines() if " embedding " in line] == ["-"]
 
 
 def test_optimizer_bench_times_every_form_of_the_step(tmp_path, restore_threads, capsys):

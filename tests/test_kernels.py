@@ -84,9 +84,10 @@ def test_attention_with_dropout_fast_equals_plain():
                                PLAIN.attention_backward(dy, ref_cache)[0], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("head", ["lm", "sequence"])
-def test_the_model_gives_the_same_numbers_with_either_table(head):
-    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64",
+@pytest.mark.parametrize("head, vocab", [("lm", 11), ("sequence", 11), ("lm", 40)])
+def test_the_model_gives_the_same_numbers_with_either_table(head, vocab):
+    """vocab 40 > the batch's 24 positions: the tied embedding's gradient takes the rows form."""
+    cfg = GPTConfig(vocab_size=vocab, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64",
                     head=head, n_classes=3, dropout=0.1)
     r = np.random.default_rng(5)
     idx = r.integers(0, 11, (3, 8))
@@ -218,6 +219,50 @@ def test_tiled_attention_falls_back_where_tiles_cannot_skip_anything(causal, T):
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(K.attention_backward_tiled(dy, cache)[0],
                                L.attention_backward(dy, ref_cache)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("smoothing, count", [(0.0, None), (0.1, None), (0.0, 40)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cross_entropy_chunked_equals_plain_bit_for_bit(smoothing, count, dtype, small_chunks):
+    """The same operations in the same order, a chunk of rows at a time: equal, not close."""
+    from transferlab.losses import IGNORE_INDEX, cross_entropy
+
+    r = np.random.default_rng(15)
+    logits = (4 * r.standard_normal((3, 7, 9))).astype(dtype)  # 21 rows of 9 classes
+    targets = r.integers(0, 9, (3, 7))
+    targets[0, :3] = IGNORE_INDEX
+    targets[2, 6] = IGNORE_INDEX
+    assert len(K.row_chunks(21, 9 * logits.itemsize)) > 2
+    loss, dlogits = K.cross_entropy_chunked(logits, targets, label_smoothing=smoothing, count=count)
+    want_loss, want = cross_entropy(logits, targets, label_smoothing=smoothing, count=count)
+    assert loss == want_loss and np.array_equal(dlogits, want)
+    assert dlogits.dtype == dtype and dlogits.shape == logits.shape
+    assert not dlogits[0, :3].any()  # ignored positions get no gradient
+    # no counted position: a zero loss and gradient, as the plain form gives
+    none = np.full((3, 7), IGNORE_INDEX)
+    loss0, d0 = K.cross_entropy_chunked(logits, none)
+    assert loss0 == 0.0 and d0.shape == logits.shape and not d0.any()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_rows_equal_plain_bit_for_bit(tied):
+    """Sums over the batch's own tokens, written into dwte or added into the tied head's
+    gradient, equal np.add.at into a zero (V, C) array (plus the head's gradient)."""
+    r = np.random.default_rng(16)
+    V, T, C = 31, 6, 5  # 24 positions, fewer than the 31 rows: the rows form runs
+    idx = r.integers(0, 6, (4, T))  # tokens 6..30 never occur; most occur several times
+    dout = r.standard_normal((4, T, C)).astype(np.float32)
+    cache = (idx, (V, C), (8, C))
+    head = r.standard_normal((V, C)).astype(np.float32) if tied else None
+    want_wte, want_wpe = L.embedding_backward(dout, cache, None if head is None else head.copy())
+    got_wte, got_wpe = K.embedding_backward_rows(dout, cache, None if head is None else head.copy())
+    assert np.array_equal(got_wte, want_wte) and np.array_equal(got_wpe, want_wpe)
+    assert got_wte.shape == (V, C) and got_wte.dtype == np.float32
+    assert np.array_equal(got_wte[6:], head[6:] if tied else np.zeros((V - 6, C)))  # absent tokens
+    # the plain form's tied case is the two gradients added
+    alone, _ = L.embedding_backward(dout, cache)
+    if tied:
+        np.testing.assert_array_equal(want_wte, alone + head)
 
 
 # ----------------------------------------------------------------------------------------

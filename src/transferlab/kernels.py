@@ -12,7 +12,9 @@ Layers of fast forms: `*_fast` are the in-place forms of one whole-array pass ea
 `*_chunked` (GELU, LayerNorm) run those same passes over chunks of rows that stay in the
 L2 cache; `attention_forward_tiled` runs the in-place attention over tiles of queries
 that skip the masked triangle of causal attention. The "fast" table uses the chunked and
-tiled forms, which build on the in-place ones.
+tiled forms, which build on the in-place ones, and two forms equal to their plain ones
+bit for bit: `cross_entropy_chunked` (the LM loss over chunks of rows) and
+`embedding_backward_rows` (the tied embedding's gradient, only the batch's tokens' rows).
 
 The model never rebinds names to switch kernels: it calls them through a `KernelTable`,
 
@@ -33,7 +35,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from . import layers as L
+from . import losses
 from .layers import GELU_COEF, LAYERNORM_EPS, dropout_backward, dropout_forward
+from .losses import IGNORE_INDEX
 
 
 def _sum_lastdim(x):
@@ -62,6 +66,72 @@ def row_chunks(n_rows: int, row_bytes: int, chunk_bytes: int | None = None) -> l
 def _rows(x):
     """x as (N, D) rows, N = all leading dims (a view for the contiguous arrays layers make)."""
     return x.reshape(-1, x.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------
+# token embedding: equals layers.embedding_backward
+
+
+def embedding_backward_rows(dout, cache, head_dwte=None):
+    """layers.embedding_backward summing over the tokens the batch holds only: each one's
+    rows are summed in a (tokens, C) array (np.add.at, the same additions in the same
+    order), then written into dwte, or added into the tied head's gradient without a
+    zero (V, C) array and a pass over all of it (at GPT-2's vocabulary of 50257: 154 MB,
+    for the 1024 tokens of a batch). With no fewer positions than vocabulary rows there
+    is nothing to skip, and the plain form runs (np.unique's sort would cost more)."""
+    idx, wte_shape, wpe_shape = cache
+    if idx.size >= wte_shape[0]:
+        return L.embedding_backward(dout, cache, head_dwte)
+    B, T, C = dout.shape
+    tokens, where = np.unique(idx.reshape(-1), return_inverse=True)  # (U,) sorted, (B*T,)
+    sums = np.zeros((tokens.size, C), dtype=dout.dtype)  # (U, C)
+    np.add.at(sums, where, dout.reshape(-1, C))
+    if head_dwte is None:
+        dwte = np.zeros(wte_shape, dtype=dout.dtype)  # (V, C)
+        dwte[tokens] = sums
+    else:
+        dwte = head_dwte
+        dwte[tokens] += sums  # rows of absent tokens: head + 0, unchanged
+    dwpe = np.zeros(wpe_shape, dtype=dout.dtype)  # (block_size, C)
+    dwpe[:T] = dout.sum(axis=0)
+    return dwte, dwpe
+
+
+# ----------------------------------------------------------------------------------------
+# cross-entropy: equals losses.cross_entropy
+
+
+def cross_entropy_chunked(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=0.0,
+                          count=None):
+    """losses.cross_entropy a chunk of rows at a time (row_chunks), with the same operations
+    in the same order, so the same numbers bit for bit; the max is np.fmax.reduce (the same
+    maxima, faster, see softmax_lastdim_inplace). At the LM head a row is the whole
+    vocabulary: GPT-2's (1024, 50257) logits are 206 MB, and the plain form's eight passes
+    and four temporaries of that size stream from memory; here each chunk's stay in L2 and
+    dlogits is the only full-size array made."""
+    K = logits.shape[-1]
+    z, y_safe, valid, n = losses.counted_rows(logits, targets, ignore_index, count)
+    if n == 0:
+        return 0.0, np.zeros_like(logits)
+    eps = float(label_smoothing)
+    weight = (valid / n).astype(z.dtype)[:, None]  # (N_all, 1) ignored positions get no gradient
+    dz = np.empty_like(z)  # (N_all, K)
+    per_pos = np.empty(len(y_safe), dtype=z.dtype)  # (N_all,)
+    for rows in row_chunks(z.shape[0], K * z.itemsize):
+        zs, p, ys = z[rows], dz[rows], y_safe[rows]
+        at = np.arange(len(ys))
+        logp = zs - np.fmax.reduce(zs, axis=-1, keepdims=True)  # shifted
+        np.exp(logp, out=p)
+        logp -= np.log(p.sum(axis=-1, keepdims=True))  # log_softmax
+        nll = -logp[at, ys]
+        per_pos[rows] = (1.0 - eps) * nll + eps * (-logp.mean(axis=-1)) if eps else nll
+        np.exp(logp, out=p)  # p
+        p[at, ys] -= 1.0 - eps
+        if eps:
+            p -= eps / K
+        p *= weight[rows]
+    loss = float(per_pos[valid].sum() / n)
+    return loss, dz.reshape(logits.shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -473,10 +543,11 @@ def reuse_freed_memory() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class KernelTable:
-    """The layer functions one forward/backward pass calls, as forward/backward pairs.
+    """The layer functions one forward/backward pass calls, as forward/backward pairs, and
+    the LM loss, which gives the loss and its gradient in one call (losses.cross_entropy).
 
-    Embedding, linear and dropout have one form only (they are plain and already cheap),
-    so both tables share them.
+    The embedding's forward, linear and dropout have one form only (they are plain and
+    already cheap, or one matrix product), so both tables share them.
     """
 
     name: str
@@ -492,6 +563,7 @@ class KernelTable:
     gelu_backward: Callable = L.gelu_backward
     attention_forward: Callable = L.attention_forward
     attention_backward: Callable = L.attention_backward
+    cross_entropy: Callable = losses.cross_entropy  # (loss, dlogits) in one call
 
     def functions(self) -> dict[str, Callable]:
         """name -> function, every kernel of the table (for profilers and tests)."""
@@ -504,6 +576,7 @@ FAST = KernelTable(
     layernorm_forward=layernorm_forward_chunked, layernorm_backward=layernorm_backward_chunked,
     gelu_forward=gelu_forward_chunked, gelu_backward=gelu_backward_chunked,
     attention_forward=attention_forward_tiled, attention_backward=attention_backward_tiled,
+    embedding_backward=embedding_backward_rows, cross_entropy=cross_entropy_chunked,
 )
 KERNELS = {"plain": PLAIN, "fast": FAST}
 

@@ -45,17 +45,22 @@ def embedding_forward(idx, wte, wpe):
     return out, cache
 
 
-def embedding_backward(dout, cache):
+def embedding_backward(dout, cache, head_dwte=None):
     """dwte[v] = sum of dout at every (b, t) where idx == v;  dwpe[t] = sum_b dout[b, t].
 
     Returns (dwte, dwpe): the token ids themselves have no gradient. `np.add.at` is used
     because `dwte[idx] += dout` silently drops all but one update when a token repeats.
-    See docs/embeddings.md#backward.
+    head_dwte: the tied LM head's gradient of the same wte (V, C), or None. When given,
+    the token sums are added into it and it is returned as dwte: the two uses of one
+    weight add up (docs/tied_weights.md). See docs/embeddings.md#backward.
     """
     idx, wte_shape, wpe_shape = cache
     B, T, C = dout.shape
     dwte = np.zeros(wte_shape, dtype=dout.dtype)  # (V, C)
     np.add.at(dwte, idx.reshape(-1), dout.reshape(-1, C))
+    if head_dwte is not None:
+        head_dwte += dwte  # tied: wte is also the LM head's weight
+        dwte = head_dwte
     dwpe = np.zeros(wpe_shape, dtype=dout.dtype)  # (block_size, C)
     dwpe[:T] = dout.sum(axis=0)  # the same position row is used by every sequence
     return dwte, dwpe

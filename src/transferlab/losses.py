@@ -21,6 +21,20 @@ def log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def counted_rows(logits, targets, ignore_index=IGNORE_INDEX, count=None):
+    """The logits as rows z (N_all, K), and what the mean counts: (z, y_safe, valid, n).
+
+    valid (N_all,) marks the counted positions; n is their number, or `count` when given;
+    y_safe is the targets with ignored positions set to class 0, so they can index z
+    (their rows are then weighted 0).
+    """
+    z = logits.reshape(-1, logits.shape[-1])  # (N_all, K)
+    y = targets.reshape(-1)  # (N_all,)
+    valid = y != ignore_index  # (N_all,)
+    n = int(valid.sum()) if count is None else int(count)
+    return z, np.where(valid, y, 0), valid, n
+
+
 def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=0.0, count=None):
     """Mean cross-entropy over the positions whose target is not `ignore_index`.
 
@@ -34,15 +48,11 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=0.
     batch's. With N = 0 the loss is 0 (not NaN).
     """
     K = logits.shape[-1]
-    z = logits.reshape(-1, K)  # (N_all, K)
-    y = targets.reshape(-1)  # (N_all,)
-    valid = y != ignore_index  # (N_all,)
-    n = int(valid.sum()) if count is None else int(count)
+    z, y_safe, valid, n = counted_rows(logits, targets, ignore_index, count)
     if n == 0:
         return 0.0, np.zeros_like(logits)
-    y_safe = np.where(valid, y, 0)
     logp = log_softmax(z)  # (N_all, K)
-    rows = np.arange(len(y))
+    rows = np.arange(len(y_safe))
     nll = -logp[rows, y_safe]  # (N_all,)
     eps = float(label_smoothing)
     per_pos = (1.0 - eps) * nll + eps * (-logp.mean(axis=-1)) if eps else nll

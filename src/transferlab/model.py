@@ -40,7 +40,7 @@ from .kernels import FAST, KernelTable, in_threads, kernel_table, reuse_freed_me
 from .knobs import Rule, check_knobs, check_value, knob
 from .layers import attention_mask
 from .lora import lora_linear_backward, lora_linear_forward
-from .losses import IGNORE_INDEX, cross_entropy, sigmoid, sigmoid_mse
+from .losses import IGNORE_INDEX, sigmoid, sigmoid_mse
 
 DTYPES = ("float32", "float64")
 BLOCK_PARAMS = (  # (name inside a block, shape as a function of C)
@@ -517,8 +517,8 @@ class GPT:
                 loss, dlogits = sigmoid_mse(logits, targets, count=count)
                 dlogits = dlogits[:, None]  # (B, 1)
             else:
-                loss, dlogits = cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing,
-                                              count=count)
+                loss, dlogits = self.kernels.cross_entropy(logits, targets, count=count,
+                                                           label_smoothing=cfg.label_smoothing)
         cache = StepCache(head_cache, pool_cache, dlogits, backbone_cache)
         return (sigmoid(logits) if is_score else logits), loss, cache
 
@@ -563,16 +563,15 @@ class GPT:
             dx, head_grads = H.classifier_backward(c.dlogits, c.head, H.HEAD_PREFIX[cfg.head])
             grads.update(head_grads)
             dh = dx if c.pool is None else H.pool_backward(dx, c.pool)  # (B, T, C)
-        backbone_grads = self._backbone_backward(dh, c.backbone, trains)
-        # tied: the embedding and the LM head both use wte, so gradients add up
-        if backbone_grads.get("wte.weight") is not None and grads["wte.weight"] is not None:
-            backbone_grads["wte.weight"] += grads["wte.weight"]
-        grads.update(backbone_grads)
+        # tied: the embedding and the LM head both use wte, so their gradients add up (the
+        # embedding's backward adds its rows into the head's gradient)
+        grads.update(self._backbone_backward(dh, c.backbone, trains, head_dwte=grads["wte.weight"]))
         return grads
 
-    def _backbone_backward(self, dh, bb, trains) -> dict:
+    def _backbone_backward(self, dh, bb, trains, head_dwte=None) -> dict:
         """From dh (B, T, C) at the backbone's output down to the lowest trainable depth:
-        the backbone's gradients by name (None where a product was skipped)."""
+        the backbone's gradients by name (None where a product was skipped). head_dwte:
+        the tied LM head's gradient of wte, which the embedding's gradient is added into."""
         K, L, grads = self.kernels, self.config.n_layer, {}
         if bb is None or bb.lowest > L + 1:
             return grads
@@ -587,7 +586,7 @@ class GPT:
         if bb.lowest == 0:
             # x = dropout(wte[idx] + wpe[:T])
             (dx,) = K.dropout_backward(dx, bb.embdrop)
-            grads["wte.weight"], grads["wpe.weight"] = K.embedding_backward(dx, bb.emb)
+            grads["wte.weight"], grads["wpe.weight"] = K.embedding_backward(dx, bb.emb, head_dwte)
         return grads
 
     # ------------------------------------------------------------------ state
