@@ -432,3 +432,50 @@ def test_plan_is_data_the_loop_only_follows_it():
     result = train(model, target(), plan, settings(), progress=Every(watch))
     assert result.trainable_by_phase == [HEAD, TOTAL]
     assert [changed_at[s] for s in range(1, 13)] == [False] * 6 + [True] * 6
+
+
+# ---------------------------------------------------------------------- batch_threads
+
+
+@pytest.mark.parametrize("strategy", ["full_finetune", "aux_lm"])
+def test_batch_threads_runs_each_step_in_parts_with_the_whole_batch_numbers(strategy, monkeypatch):
+    """finetune.batch_threads: 2 splits every forward and backward of the run into two
+    parts (model.GPT's batch_threads); the parts' gradients add up to the whole batch's, so
+    the run equals the one-part run to float64 rounding, and repeats itself exactly."""
+    import transferlab.model as model_module
+
+    parts = []
+    real = model_module.in_threads
+    monkeypatch.setattr(model_module, "in_threads",
+                        lambda fn, items: parts.append(len(items)) or real(fn, items))
+
+    def run(batch_threads):
+        model = tiny(dropout=0.0)
+        plan = build_plan(strategy, 12, L, KNOBS)
+        result = train(model, target(), plan, settings(batch_threads=batch_threads))
+        return model, result
+
+    whole, r1 = run(1)
+    assert parts == [] and whole.batch_threads == 1
+    split_a, r2 = run(2)
+    assert parts and set(parts) == {2} and split_a.batch_threads == 2
+    for name, p in whole.params.items():
+        np.testing.assert_allclose(split_a.params[name], p, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert [h["train_loss"] for h in r2.history] == pytest.approx([h["train_loss"] for h in r1.history],
+                                                                   rel=1e-10)
+    split_b, r3 = run(2)
+    assert r3.history == r2.history
+    assert all(np.array_equal(split_b.params[n], split_a.params[n]) for n in split_a.params)
+
+
+def test_batch_threads_is_validated_and_keys_the_pretrained_cache():
+    from transferlab.config import ConfigError, load_config
+    from transferlab.runner import pretrain_key
+
+    base = load_config(env=False)
+    assert base.pretrain.batch_threads == base.finetune.batch_threads == 1
+    two = load_config(overrides=["pretrain.batch_threads=2"], env=False)
+    assert pretrain_key(two) != pretrain_key(base)
+    assert pretrain_key(load_config(overrides=["finetune.batch_threads=2"], env=False)) == pretrain_key(base)
+    with pytest.raises(ConfigError, match=r"finetune\.batch_threads must be >= 1, got 0"):
+        load_config(overrides=["finetune.batch_threads=0"], env=False)

@@ -161,6 +161,10 @@ class TrainingConfig:
     momentum: float = knob(0.9, "SGD momentum", ge=0, lt=1)
     layernorm_trainable_when_frozen: bool = knob(False, "keep LayerNorms of frozen blocks "
                                                         "trainable (fastai does)")
+    batch_threads: int = knob(1, "run each step on this many parts of the batch, one thread "
+                                 "each (model.GPT's batch_threads); other values add the "
+                                 "parts' gradients, so the numbers differ in float rounding",
+                              ge=1)
 
 
 def finetune_for(config, strategy: str):

@@ -245,7 +245,8 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
     """Run `plan` for s.steps steps on data.train, evaluating on data.val.
 
     s: the run's training knobs, a config section (config.TrainingConfig: config.pretrain,
-    config.finetune, or TrainingConfig(steps=..., ...) built by hand).
+    config.finetune, or TrainingConfig(steps=..., ...) built by hand). s.batch_threads
+    becomes model.batch_threads.
 
     Keeps the best parameters by the validation metric and restores them at the end.
     progress: an object with update(step, loss, lr) (see report.Progress) or None; when it
@@ -257,6 +258,9 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
     t0 = time.perf_counter()
     kind = data.kind
     metric = task_kind(kind).metric
+    # every forward and backward of the run on s.batch_threads parts of the batch, one
+    # thread each (1: whole); the model keeps the setting (docs/performance.md#batch-parts-in-threads)
+    model.batch_threads = s.batch_threads
     order = BatchOrder(len(data.train), s.batch_size, seed)
     opt = make_optimizer(model, s)
     schedule = make_plan_schedule(plan, s, kind)
