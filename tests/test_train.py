@@ -479,3 +479,19 @@ def test_batch_threads_is_validated_and_keys_the_pretrained_cache():
     assert pretrain_key(load_config(overrides=["finetune.batch_threads=2"], env=False)) == pretrain_key(base)
     with pytest.raises(ConfigError, match=r"finetune\.batch_threads must be >= 1, got 0"):
         load_config(overrides=["finetune.batch_threads=0"], env=False)
+
+
+def test_predict_gives_the_forward_outputs_and_keeps_no_activations():
+    """Evaluation runs the backbone without caches for backward (a 256-example batch's would
+    otherwise stay alive into the next batch) and gives exactly the forward's outputs."""
+    from transferlab.train import predict
+
+    model = tiny(dropout=0.0)
+    split = target().val
+    model.eval()
+    batches = [split.batch(np.arange(i, min(i + 5, len(split)))) for i in range(0, len(split), 5)]
+    want = np.concatenate([model(b.x, attention_mask=b.mask)[0] for b in batches])
+    model.train()
+    got = predict(model, split, batch_size=5)
+    assert np.array_equal(got, want)
+    assert model._cache is None and model._backbone_cache is None and model.training

@@ -159,17 +159,21 @@ class FeatureCache:
 
 def predict(model, split: Split, batch_size: int = EVAL_BATCH_SIZE, cache: FeatureCache | None = None,
             cache_name: str | None = None) -> np.ndarray:
-    """Model outputs for a whole split, in evaluation mode, batch by batch."""
+    """Model outputs for a whole split, in evaluation mode, batch by batch.
+
+    The backbone keeps no activations for backward (keep_cache=False): a batch of 256
+    examples' would otherwise stay alive until the next batch's forward had made its own.
+    """
     was_training = model.training
     model.eval()
     outs = []
     for index in chunks(len(split), batch_size):
         part = split.batch(index)
-        if cache is not None:
-            out, _ = model.forward_head(cache.get(cache_name, index), idx=part.x, attention_mask=part.mask)
-        else:
-            out, _ = model(part.x, attention_mask=part.mask)
+        h = (cache.get(cache_name, index) if cache is not None
+             else model.backbone(part.x, part.mask, keep_cache=False))  # (B, T, C)
+        out, _ = model.forward_head(h, idx=part.x, attention_mask=part.mask)
         outs.append(out)
+    model.clear_caches()  # the head's cache of the last batch
     model.train(was_training)
     return np.concatenate(outs)
 
