@@ -495,3 +495,21 @@ def test_predict_gives_the_forward_outputs_and_keeps_no_activations():
     got = predict(model, split, batch_size=5)
     assert np.array_equal(got, want)
     assert model._cache is None and model._backbone_cache is None and model.training
+
+
+def test_lm_evaluation_batch_by_batch_equals_the_whole_split_metrics():
+    """evaluate() reduces each batch's logits to its targets' nll as they come; the loss is
+    the one metrics() computes from the whole split's logits, bit for bit."""
+    from transferlab.train import predict
+
+    lm = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=L, n_head=NH, n_embd=C, dtype="float32",
+                       head="lm", pad_id=SPEC.pad_id), seed=0)
+    x = np.random.default_rng(3).integers(0, V - 1, (11, T))
+    y = np.roll(x, -1, axis=1)
+    y[:, -1] = IGNORE_INDEX
+    mask = np.ones((11, T), bool)
+    mask[2, 9:] = False
+    split = Split(x, y, mask)
+    whole = metrics("lm", predict(lm, split, batch_size=4), split)
+    assert evaluate(lm, "lm", split, batch_size=4) == whole
+    assert evaluate(lm, "lm", split, batch_size=3) == whole and lm._cache is None

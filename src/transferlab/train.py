@@ -95,15 +95,26 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def token_nll(logits, y, mask):
+    """-log softmax(logits)[y] at every position, in float64, and where it counts:
+    (nll (N, T), valid (N, T)); valid = mask and y != IGNORE_INDEX."""
+    logp = log_softmax(logits.astype(np.float64))  # (N, T, V)
+    valid = mask & (y != IGNORE_INDEX)
+    nll = -np.take_along_axis(logp, np.where(valid, y, 0)[..., None], axis=-1)[..., 0]
+    return nll, valid
+
+
+def lm_metrics(nll, valid) -> dict:
+    """The loss (mean nll over the counted positions) and its perplexity."""
+    loss = float(nll[valid].mean())
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
 def metrics(kind: str, outputs: np.ndarray, split: Split) -> dict:
     """Task metrics from model outputs on a whole split."""
     y = split.y
     if kind == "lm":
-        logp = log_softmax(outputs.astype(np.float64))
-        valid = split.mask & (y != IGNORE_INDEX)
-        nll = -np.take_along_axis(logp, np.where(valid, y, 0)[..., None], axis=-1)[..., 0]
-        loss = float(nll[valid].mean())
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        return lm_metrics(*token_nll(outputs, y, split.mask))
     if kind == "score":
         err = outputs.astype(np.float64) - y
         return {"mse": float((err * err).mean()), "mae": float(np.abs(err).mean())}
@@ -157,29 +168,43 @@ class FeatureCache:
 # ---------------------------------------------------------------------- evaluation
 
 
-def predict(model, split: Split, batch_size: int = EVAL_BATCH_SIZE, cache: FeatureCache | None = None,
-            cache_name: str | None = None) -> np.ndarray:
-    """Model outputs for a whole split, in evaluation mode, batch by batch.
+def outputs_by_batch(model, split: Split, batch_size: int = EVAL_BATCH_SIZE,
+                     cache: FeatureCache | None = None, cache_name: str | None = None):
+    """(outputs, index) for each batch of a split, in evaluation mode.
 
     The backbone keeps no activations for backward (keep_cache=False): a batch of 256
     examples' would otherwise stay alive until the next batch's forward had made its own.
     """
     was_training = model.training
     model.eval()
-    outs = []
-    for index in chunks(len(split), batch_size):
-        part = split.batch(index)
-        h = (cache.get(cache_name, index) if cache is not None
-             else model.backbone(part.x, part.mask, keep_cache=False))  # (B, T, C)
-        out, _ = model.forward_head(h, idx=part.x, attention_mask=part.mask)
-        outs.append(out)
-    model.clear_caches()  # the head's cache of the last batch
-    model.train(was_training)
-    return np.concatenate(outs)
+    try:
+        for index in chunks(len(split), batch_size):
+            part = split.batch(index)
+            h = (cache.get(cache_name, index) if cache is not None
+                 else model.backbone(part.x, part.mask, keep_cache=False))  # (B, T, C)
+            out, _ = model.forward_head(h, idx=part.x, attention_mask=part.mask)
+            yield out, index
+    finally:
+        model.clear_caches()  # the head's cache of the last batch
+        model.train(was_training)
+
+
+def predict(model, split: Split, batch_size: int = EVAL_BATCH_SIZE, cache: FeatureCache | None = None,
+            cache_name: str | None = None) -> np.ndarray:
+    """Model outputs for a whole split, in evaluation mode, batch by batch (outputs_by_batch)."""
+    return np.concatenate([out for out, _ in outputs_by_batch(model, split, batch_size, cache, cache_name)])
 
 
 def evaluate(model, kind: str, split: Split, batch_size: int = EVAL_BATCH_SIZE, cache=None, cache_name=None) -> dict:
-    return metrics(kind, predict(model, split, batch_size, cache, cache_name), split)
+    """metrics(kind, predict(...), split). For a language model each batch's logits are
+    reduced to its targets' negative log-likelihoods as they come (`token_nll`, row by
+    row, so the same numbers): a split's (N, T, V) logits never exist at once, which at
+    GPT-2's vocabulary is 1.6 GB per 256 windows of 32 tokens, and more in float64."""
+    if kind != "lm":
+        return metrics(kind, predict(model, split, batch_size, cache, cache_name), split)
+    nll = np.concatenate([token_nll(out, split.y[index], split.mask[index])[0]
+                          for out, index in outputs_by_batch(model, split, batch_size, cache, cache_name)])
+    return lm_metrics(nll, split.mask & (split.y != IGNORE_INDEX))
 
 
 # ---------------------------------------------------------------------- the loop
