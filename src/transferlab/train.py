@@ -202,9 +202,9 @@ def evaluate(model, kind: str, split: Split, batch_size: int = EVAL_BATCH_SIZE, 
     GPT-2's vocabulary is 1.6 GB per 256 windows of 32 tokens, and more in float64."""
     if kind != "lm":
         return metrics(kind, predict(model, split, batch_size, cache, cache_name), split)
-    nll = np.concatenate([token_nll(out, split.y[index], split.mask[index])[0]
-                          for out, index in outputs_by_batch(model, split, batch_size, cache, cache_name)])
-    return lm_metrics(nll, split.mask & (split.y != IGNORE_INDEX))
+    per_batch = [token_nll(out, split.y[index], split.mask[index])
+                 for out, index in outputs_by_batch(model, split, batch_size, cache, cache_name)]
+    return lm_metrics(*(np.concatenate(parts) for parts in zip(*per_batch)))  # nll, valid
 
 
 # ---------------------------------------------------------------------- the loop
