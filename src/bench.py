@@ -12,12 +12,12 @@ For every named size it times, on one fixed batch:
 - the same two in PyTorch when torch is importable: the same weights, the same shapes,
   float32, `F.scaled_dot_product_attention`, and as many threads as NumPy's BLAS has.
   NumPy and PyTorch repetitions alternate (A B, B A, A B, ...) in one process, so both
-  see the same machine load, and the medians are compared;
+  see the same machine load; each ratio is the median of the rounds' ratios
+  (`paired_ratio`), beside each side's median time;
 - achieved GFLOP/s from an analytic count of matrix-multiply FLOPs (`step_flops`), as a
   fraction of this machine's float32 matmul peak: a large np.matmul timed as one more
   contender in the same interleaved loop;
-- peak memory of one training step (tracemalloc: the NumPy arrays and Python objects the
-  step allocates; the process-wide maximum RSS is printed once at the end).
+- peak memory of one training step, each side in a fresh process (`peak_rss`).
 
 Then how a step's time grows with T and with the batch size, and the feature-cache path
 (frozen backbone, head trained on cached features) against full fine-tuning and against
@@ -230,6 +230,16 @@ def median_ms(times) -> float:
     return statistics.median(times) * 1e3
 
 
+def paired_ratio(a, b) -> float:
+    """The median over repetitions of a[r] / b[r]: each ratio of two calls timed side by
+    side in one round of `rested` (adjacent in time), so a machine that speeds up or slows
+    down between rounds cancels out of every ratio instead of only on average, as it does
+    in median(a) / median(b)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty lists, got {len(a)} and {len(b)}")
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def peak_traced_mb(fn) -> float:
     """Peak memory (MB) that one call of fn allocates, as tracemalloc sees it.
 
@@ -413,14 +423,14 @@ def bench_size(name, repeat, torch=None, spec=None, peak_n=1024, threads=1,
 
 
 def _summarise_cpu(runs) -> dict:
-    """Medians of CPU time per call (ms) for each side, and their ratio numpy / torch."""
+    """Medians of CPU time per call (ms) for each side, and numpy / torch (paired_ratio)."""
     res = {}
     for who, rs in runs.items():
         res[f"{who}_cpu_ms"] = median_ms([r["cpu"] for r in rs])
         res[f"{who}_ms"] = median_ms([r["wall"] for r in rs])
-    if "torch_cpu_ms" in res:
-        res["ratio_cpu"] = res["numpy_cpu_ms"] / res["torch_cpu_ms"]
-        res["ratio"] = res["numpy_ms"] / res["torch_ms"]
+    if "torch" in runs:
+        res["ratio_cpu"] = paired_ratio(*([r["cpu"] for r in runs[who]] for who in ("numpy", "torch")))
+        res["ratio"] = paired_ratio(*([r["wall"] for r in runs[who]] for who in ("numpy", "torch")))
     return res
 
 
@@ -463,11 +473,14 @@ def _summarise(runs, flops, tokens, peak_flops) -> dict:
             f"{who}_gflops": gflops,
         })
     if "torch_ms" in res:
-        res["ratio"] = res["numpy_ms"] / res["torch_ms"]  # numpy time / torch time, medians
+        walls = {who: [r["wall"] for r in rs] for who, rs in runs.items()}
+        # numpy time / torch time: the median of the rounds' ratios (paired_ratio)
+        res["ratio"] = paired_ratio(walls["numpy"], walls["torch"])
+        res["ratio_of_medians"] = res["numpy_ms"] / res["torch_ms"]
         res["ratio_best"] = res["numpy_ms_best"] / res["torch_ms_best"]  # the fastest of each
-        res["ratio_cpu"] = res["numpy_cpu_ms"] / res["torch_cpu_ms"]
+        res["ratio_cpu"] = paired_ratio(*([r["cpu"] for r in runs[w]] for w in ("numpy", "torch")))
         if "numpy_threads_ms" in res:
-            res["ratio_threads"] = res["numpy_threads_ms"] / res["torch_ms"]
+            res["ratio_threads"] = paired_ratio(walls["numpy_threads"], walls["torch"])
             res["ratio_threads_best"] = res["numpy_threads_ms_best"] / res["torch_ms_best"]
     return res
 
@@ -629,7 +642,7 @@ def bench_scaling(repeat, torch=None, base=SCALING_BASE, Ts=SCALING_T, batches=S
         row["numpy_us_per_token"] = row["numpy_ms"] * 1e3 / (shape["T"] * shape["B"])
         if torch is not None:
             row["torch_ms"] = median_ms(times["torch"])
-            row["ratio"] = row["numpy_ms"] / row["torch_ms"]
+            row["ratio"] = paired_ratio(times["numpy"], times["torch"])
         rows[axis].append(row)
     return {"base": base, **rows}
 
@@ -649,9 +662,9 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
 
     A bitfit or sparse step must cost at most a full one (issue 15): their backward is the
     full one, and their optimizer works on fewer entries. That difference is a few per
-    cent of a step, below what a loaded machine lets the step medians resolve, so the
-    AdamW step is also timed alone, full against bitfit against sparse, on one backward's
-    gradients (`*_adamw_ms`).
+    cent of a step, so the ratios are paired (`paired_ratio`: the steps of one round ran
+    next to each other) and the AdamW step is also timed alone, full against bitfit
+    against sparse, on one backward's gradients (`*_adamw_ms`).
     """
     from transferlab import masks as M
     spec = spec or SIZES[name]
@@ -700,12 +713,12 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
     res.update(
         extract_ms=median_ms(extract["extract"]),
         loss_abs_diff=abs(loss_masks - loss_cache),
-        speedup_cache_vs_full=res["full_ms"] / res["cache_ms"],
-        speedup_masks_vs_full=res["full_ms"] / res["masks_ms"],
-        speedup_cache_vs_masks=res["masks_ms"] / res["cache_ms"],
-        bitfit_vs_full=res["bitfit_ms"] / res["full_ms"],
-        sparse_vs_full=res["sparse_ms"] / res["full_ms"],
-        sparse_adamw_vs_full=res["sparse_adamw_ms"] / res["full_adamw_ms"],
+        speedup_cache_vs_full=paired_ratio(times["full"], times["cache"]),
+        speedup_masks_vs_full=paired_ratio(times["full"], times["masks"]),
+        speedup_cache_vs_masks=paired_ratio(times["masks"], times["cache"]),
+        bitfit_vs_full=paired_ratio(times["bitfit"], times["full"]),
+        sparse_vs_full=paired_ratio(times["sparse"], times["full"]),
+        sparse_adamw_vs_full=paired_ratio(adamw["sparse"], adamw["full"]),
     )
     return res
 
@@ -1141,7 +1154,7 @@ def format_report(result) -> str:
          "(these numbers are not the quiet-machine figures)"),
         f"method: {result['repeat']} timed repetitions per contender (gpt2: at most "
         f"{GPT2_REPEAT}), alternating order, a {result['rest_s']} s rest before every timed "
-        "call (OpenBLAS spin-wait); medians",
+        "call (OpenBLAS spin-wait); medians, and ratios as the median of each round's ratio",
         f"float32 matmul peak: a {result['peak_n']}^3 np.matmul as one more contender "
         f"(best seen {m['matmul_peak_gflops']:.1f} GFLOP/s; %peak is against it)",
         "",
@@ -1202,16 +1215,18 @@ def format_report(result) -> str:
         lines += ["", "head-only and masked training, sequence classifier (mean pooling, 4 classes), "
                   "ms/step (forward, backward, AdamW):",
                   f"{'size':7} {'full FT':>9} {'masks':>9} {'cache':>9} {'extract':>9} "
-                  f"{'bitfit':>9} {'sparse':>9} {'cache/full':>10} {'cache/masks':>11} {'|dloss|':>8}"]
+                  f"{'bitfit':>9} {'sparse':>9} {'cache/full':>10} {'cache/masks':>11} "
+                  f"{'bitfit/full':>11} {'sparse/full':>11} {'|dloss|':>8}"]
         for name, r in result["feature_cache"].items():
             lines.append(
                 f"{name:7} {r['full_ms']:9.2f} {r['masks_ms']:9.2f} {r['cache_ms']:9.3f} "
                 f"{r['extract_ms']:9.2f} {r['bitfit_ms']:9.2f} {r['sparse_ms']:9.2f} "
                 f"{r['speedup_cache_vs_full']:9.1f}x "
-                f"{r['speedup_cache_vs_masks']:10.1f}x {r['loss_abs_diff']:8.1e}")
+                f"{r['speedup_cache_vs_masks']:10.1f}x {r['bitfit_vs_full']:11.2f} "
+                f"{r['sparse_vs_full']:11.2f} {r['loss_abs_diff']:8.1e}")
         lines.append("extract: the one backbone pass that fills the cache; cache/full: "
-                     f"full-FT step time / cached step time; sparse: {SPARSE_KEEP:.0%} of every "
-                     "weight matrix trains")
+                     "full-FT step time / cached step time (x/y columns: paired ratios); "
+                     f"sparse: {SPARSE_KEEP:.0%} of every weight matrix trains")
         lines += ["the AdamW step alone, on one backward's gradients, ms:",
                   f"{'size':7} {'full FT':>9} {'bitfit':>9} {'sparse':>9} {'sparse/full':>11}"]
         for name, r in result["feature_cache"].items():
