@@ -78,6 +78,14 @@ def test_shipped_values_spot_check():
     assert config.logging.level == "INFO"
 
 
+def test_the_shipped_config_takes_your_own_text_with_no_other_flag(in_tmp):
+    """`--data x --source y` alone, as the README shows it, must pass the rules between
+    knobs: data.max_len fits the shipped model's context without data.model."""
+    config = load_config(SHIPPED, ["data.labelled=reviews.jsonl", "data.source=corpus/"], env=False)
+    assert config.data.max_len <= config.model.block_size
+    assert config.data.labelled == "reviews.jsonl" and not config.data.model
+
+
 def test_config_is_frozen_and_json_able():
     config = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -125,7 +125,7 @@ class DataConfig:
                            "or a folder of them (--source)")
     model: str = knob("", "a Hugging Face GPT-2 folder (--model): its tokenizer and weights are "
                           "the backbone, nothing is pretrained")
-    max_len: int = knob(64, "tokens per labelled example (longer ones are cut) and per source "
+    max_len: int = knob(32, "tokens per labelled example (longer ones are cut) and per source "
                             "window", ge=2)
     truncate: str = knob("right", "which end of a long example is cut: right keeps its start, "
                                   "left keeps its end", choices=("right", "left"))
