@@ -37,7 +37,7 @@ examples:
   python src/main.py --strategy full_finetune
   python src/main.py --strategy all --seeds 0 1 2 --output results.json
   python src/main.py --strategy head_finetune bitfit --task tagging
-  python src/main.py --strategy full_finetune --set finetune.lr=3e-4 --set runner.seeds=[0,1]
+  python src/main.py --strategy full_finetune --set strategies.lr.full_finetune=3e-4 --set runner.seeds=[0,1]
   python src/main.py --strategy scratch full_finetune --sweep relatedness
   python src/main.py --strategy all --seeds 0 1 2 --jobs 2
   python src/main.py --strategy all --seeds 0 1 2 --resume
@@ -172,7 +172,7 @@ def build_parser():
         "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
         type=_override,
         help="override any config key; the value is read as YAML; repeatable. "
-             "Example: --set finetune.lr=3e-4 --set runner.seeds=[0,1,2]")
+             "Example: --set strategies.lr.full_finetune=3e-4 --set runner.seeds=[0,1,2]")
     parser.add_argument(
         "--sweep", metavar="KNOB", type=_one_of("sweep", SWEEPS),
         help="repeat the comparison for each value of a knob: relatedness (runner.sweep_values) "
@@ -268,12 +268,17 @@ def _main(argv):
         return 2
     log.debug("config: %s", json.dumps(config.to_dict(), sort_keys=True))
 
+    from transferlab.checkpoint import CheckpointError
+    from transferlab.train import TrainingError
     try:
         from transferlab.runner import run
         status = run(config, pretrained=args.pretrained, resume=args.resume, sweep=args.sweep,
                      progress=config.runner.progress, argv=argv)
-    except ConfigError as err:  # the runner found a bad combination of knobs
-        log.error("configuration error: %s", err, exc_info=True, extra={"console": False})
+    except (ConfigError, CheckpointError, TrainingError) as err:
+        # a bad combination of knobs, a --pretrained or --resume file that is not a sound
+        # checkpoint of ours, or a loss that became NaN (the message names the rate's knob):
+        # the user's to fix, so exit status 2
+        log.error("run stopped: %s", err, exc_info=True, extra={"console": False})
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - one line here, the traceback in the log file

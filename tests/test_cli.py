@@ -240,6 +240,25 @@ def test_config_error_from_the_runner_exits_2(capsys, runner, config_file):
         "error: replace_in: task.relatedness must be in [0, 1], got 3.0\n")
 
 
+@pytest.mark.parametrize("module, name, message", [
+    ("checkpoint", "CheckpointError",
+     "/x/pre.npz is not a transferlab checkpoint: not an .npz (zip) archive"),
+    ("train", "TrainingError", "bitfit seed 0: loss became nan at step 2 (lr 3e+08); its "
+     "learning rate is strategies.lr.bitfit = 1e+09, try a lower one"),
+])
+def test_a_foreign_checkpoint_or_a_nan_loss_exits_2_with_its_message(capsys, tmp_path, runner,
+                                                                     config_file, module, name,
+                                                                     message):
+    error = getattr(importlib.import_module(f"transferlab.{module}"), name)
+
+    def boom():
+        raise error(message)
+    runner.behaviour = boom
+    assert cli.main(["--config", str(config_file)]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"  # one line, no traceback
+    assert "Traceback (most recent call last)" in (tmp_path / "logs" / "run.log").read_text()
+
+
 def test_keyboard_interrupt_exits_130_and_says_the_resume_command(capsys, runner, config_file):
     def interrupt():
         raise KeyboardInterrupt

@@ -293,11 +293,26 @@ def test_pretrained_that_is_not_a_checkpoint_fails_with_one_line(world, tmp_path
     bogus.write_text("these are not the weights you are looking for\n")
     proc = run_cli("--strategy", "feature_extractor", "--pretrained", str(bogus),
                    cwd=tmp_path, config=world.config)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # the user's file: a user error
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and str(bogus) in errors[0], proc.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_diverging_run_exits_2_naming_the_rate_knob_and_keeps_earlier_results(world, tmp_path):
+    output = tmp_path / "results.json"
+    shutil.copy(world.base_dir / "results.json", output)
+    earlier = output.read_bytes()
+    proc = run_cli("--strategy", "full_finetune", "--seeds", "0", "--output", str(output),
+                   "--set", "strategies.lr.full_finetune=1e9", cwd=tmp_path, config=world.config)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "RuntimeWarning" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error: full_finetune seed 0: loss became")
+    assert "strategies.lr.full_finetune = 1e+09" in errors[0]
+    assert output.read_bytes() == earlier
 
 
 INTERRUPT_AFTER_FIRST_CHECKPOINT = """\

@@ -267,3 +267,36 @@ def test_results_carry_the_baselines_and_the_optimal_source_loss(pre, tmp_path):
     pre_info = out["pretrained"]
     assert pre_info["optimal_lm_loss"] == pytest.approx(source_reference(spec)["optimal_lm_loss"])
     assert pre_info["source_lm_loss"] > pre_info["optimal_lm_loss"]  # a 10-step LM is far from it
+
+
+# ------------------------------------------------------------------ which knob sets the rate
+
+
+@pytest.mark.parametrize("overrides, warned", [
+    (["finetune.lr=1e-3", "runner.strategies=[bitfit,lora]"], True),  # both have their own rate
+    (["runner.strategies=[bitfit,lora]"], False),  # finetune.lr left at its default
+    (["finetune.lr=1e-3", "runner.strategies=[bitfit,lora]", "strategies.lr.lora=0"], False),
+])
+def test_a_finetune_lr_that_no_strategy_uses_is_warned_about(caplog, overrides, warned):
+    config = load_config(overrides=overrides, env=False)
+    with caplog.at_level("WARNING", logger="transferlab"):
+        assert R.warn_unused_finetune_lr(config) is warned
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if warned:
+        (message,) = messages
+        assert "finetune.lr = 0.001 is not used" in message
+        assert "strategies.lr.bitfit = 0.0001" in message and "strategies.lr.lora = 0.0003" in message
+    else:
+        assert messages == []
+
+
+def test_a_nan_loss_names_the_run_and_the_knob_of_its_rate():
+    config = load_config(overrides=["runner.strategies=[bitfit]"], env=False)
+    with pytest.raises(T.TrainingError) as err:
+        with R.rate_named("bitfit seed 3", "strategies.lr.bitfit", 1e9):
+            raise T.TrainingError("loss became nan at step 2 (lr 3e+08)")
+    assert str(err.value) == ("bitfit seed 3: loss became nan at step 2 (lr 3e+08); its learning "
+                              "rate is strategies.lr.bitfit = 1e+09, try a lower one")
+    from transferlab.config import lr_knob
+    assert lr_knob(config, "bitfit") == "strategies.lr.bitfit"
+    assert lr_knob(replace_in(config, "strategies.lr.bitfit", 0.0), "bitfit") == "finetune.lr"

@@ -173,6 +173,12 @@ def finetune_for(config, strategy: str):
     return dataclasses.replace(config.finetune, lr=own) if own else config.finetune
 
 
+def lr_knob(config, strategy: str) -> str:
+    """The knob that sets a strategy's fine-tuning rate (finetune_for): its own
+    strategies.lr.<name>, or finetune.lr when that is 0."""
+    return f"strategies.lr.{strategy}" if getattr(config.strategies.lr, strategy, 0.0) else "finetune.lr"
+
+
 def with_defaults(cls, name, doc, **defaults):
     """A subclass of the dataclass `cls` whose knobs keep their docs and rules but start
     at other defaults: one declaration of each knob serves several sections."""

@@ -12,6 +12,7 @@ runner's questions about either. See docs/README.md, docs/results.md, docs/own_d
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,13 +27,13 @@ from . import journal as J
 from . import lora
 from . import masks as M
 from . import strategies as S
-from .config import ConfigError, config_hash, finetune_for, replace_in
+from .config import ConfigError, config_hash, finetune_for, lr_knob, replace_in
 from .fileio import OutputError, check_writable, remove_stale_temporaries, write_json_atomic
 from .model import GPT, GPTConfig
 from .experiment_data import experiment_data, task_spec  # noqa: F401 (runner.task_spec in the docs)
 from .report import Overall, Progress, plot, summarize, summarize_references, table
 from .tasks import append_cls, task_kind
-from .train import Data, evaluate, lm_split, train
+from .train import Data, TrainingError, evaluate, lm_split, train
 
 log = logging.getLogger("transferlab")
 
@@ -61,6 +62,17 @@ def backbone_config(config, data) -> GPTConfig:
                      head="lm", pad_id=data.pad_id)
 
 
+@contextlib.contextmanager
+def rate_named(what: str, knob: str, lr: float):
+    """A loss that became NaN or infinite (train.TrainingError) says which run it was and
+    which knob set that run's learning rate, the usual cause and the one to change."""
+    try:
+        yield
+    except TrainingError as err:
+        raise TrainingError(f"{what}: {err}; its learning rate is {knob} = {lr:g}, "
+                            f"try a lower one") from None
+
+
 def pretrain(config, data, path: Path, progress: bool) -> dict:
     """Train the LM head on the source (data.source()) and save the checkpoint at `path`."""
     p = config.pretrain
@@ -69,7 +81,8 @@ def pretrain(config, data, path: Path, progress: bool) -> dict:
     data = Data("lm", lm_split(source.train), lm_split(source.val))
     plan = S.Plan("pretrain", pretrained=False, phases=(S.Phase(0, "all"),))
     bar = Progress("pretrain (source LM)", p.steps, progress)
-    result = train(model, data, plan, p, seed=config.seed, progress=bar)
+    with rate_named("pretraining", "pretrain.lr", p.lr):
+        result = train(model, data, plan, p, seed=config.seed, progress=bar)
     log.info("pretrained in %.1fs: source val loss %.4f (best at step %d)",
              result.seconds, result.best["loss"], result.best_step)
     C.save_checkpoint(path, model, step=result.steps_run,
@@ -145,7 +158,8 @@ def lm_stage(config, plan, data, target, pretrained, seed):
     s = dataclasses.replace(finetune_for(config, plan.name), steps=plan.lm_stage_steps, patience=0,
                             eval_every=min(config.finetune.eval_every, plan.lm_stage_steps))
     lm_plan = S.Plan("ulmfit_lm", pretrained=True, phases=(S.Phase(0, "all"),))
-    train(model, text, lm_plan, s, seed=seed)
+    with rate_named(f"{plan.name} seed {seed}, LM stage", lr_knob(config, plan.name), s.lr):
+        train(model, text, lm_plan, s, seed=seed)
     return model
 
 
@@ -178,9 +192,11 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
              "relatedness": world.relatedness}
     if fingerprint is not None:
         extra["run_config"] = fingerprint
+    settings = finetune_for(config, strategy)
     try:
-        result = train(model, data, plan, finetune_for(config, strategy), seed=seed, progress=bar,
-                       checkpoint=checkpoint, resume=resume, extra=extra)
+        with rate_named(f"{strategy} seed {seed}", lr_knob(config, strategy), settings.lr):
+            result = train(model, data, plan, settings, seed=seed, progress=bar,
+                           checkpoint=checkpoint, resume=resume, extra=extra)
     finally:
         bar.close()
     if overall is not None:
@@ -188,7 +204,7 @@ def run_one(config, strategy: str, seed: int, pretrained, source_val, progress: 
     test = evaluate(model, kind, data.test, cache=result.cache, cache_name="test")
     entry = {
         "strategy": strategy, "task": kind, "seed": seed,
-        "relatedness": world.relatedness, "lr": finetune_for(config, strategy).lr,
+        "relatedness": world.relatedness, "lr": settings.lr,
         "trainable_params": result.trainable_params,
         "trainable_params_by_phase": result.trainable_by_phase,
         "total_params": int(sum(p.size for p in model.params.values())),
@@ -416,6 +432,18 @@ class _OneBlasThread:
         self.restore_env()
 
 
+def warn_unused_finetune_lr(config) -> bool:
+    """finetune.lr set away from its default while every strategy of the run has its own
+    rate in strategies.lr, so that nothing uses it: say so once (True if it did)."""
+    own = {name: getattr(config.strategies.lr, name) for name in config.runner.strategies}
+    if config.finetune.lr == type(config.finetune)().lr or not all(own.values()):
+        return False
+    rates = ", ".join(f"strategies.lr.{name} = {lr:g}" for name, lr in own.items())
+    log.warning("finetune.lr = %g is not used: every strategy of this run has its own rate (%s); "
+                "set those, or 0 there to use finetune.lr", config.finetune.lr, rates)
+    return True
+
+
 def run(config, pretrained=None, resume=None, sweep=None, progress=None, executor=None,
         argv=None) -> int:
     """Run what the config asks for; write JSON and plot; print the table. Returns 0.
@@ -433,6 +461,8 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None, executo
     if resume and resume is not True:
         return _resume(config, resume, pretrained, progress)
     points = sweep_points(config, sweep)
+    if sweep != "lr":  # the lr sweep sets every strategy's rate from finetune.lr
+        warn_unused_finetune_lr(config)
     world = experiment_data(config)  # files are read and checked here, before any work
     pre_id = pretrained_id(config, pretrained)
     fingerprint = {"config": J.result_config(config), "sweep": sweep, "pretrained": pre_id}

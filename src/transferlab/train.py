@@ -269,6 +269,9 @@ def make_plan_schedule(plan: S.Plan, s, kind: str):
     return make_schedule(name, lr_max=s.lr, total_steps=s.steps, **kwargs)
 
 
+# a run that diverges is reported once, as the TrainingError of its non-finite loss (with
+# the step and rate), not also as NumPy's overflow warnings from inside the kernels
+@np.errstate(over="ignore", invalid="ignore")
 def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
           checkpoint: str | None = None, resume: str | None = None, extra: dict | None = None) -> Result:
     """Run `plan` for s.steps steps on data.train, evaluating on data.val.
