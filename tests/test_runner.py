@@ -10,6 +10,7 @@ import json
 import os
 import textwrap
 
+import numpy as np
 import pytest
 
 from transferlab import checkpoint as C
@@ -114,6 +115,20 @@ def test_the_cache_is_reused_and_a_given_checkpoint_is_checked(pre, tmp_path):
     other = replace_in(config, "task.n_tokens", 9)  # vocab 10, the checkpoint has 9
     with pytest.raises(ValueError, match=str(path)):
         R.ensure_pretrained(other, str(path), progress=False)
+
+
+def test_a_corrupt_cached_model_is_pretrained_again(tmp_path, caplog):
+    config = tiny(tmp_path)
+    path, info = R.ensure_pretrained(config, None, progress=False)
+    good = C.load_checkpoint(path)
+    path.write_bytes(path.read_bytes()[:1000])  # cut short, as a full disk would leave it
+    with caplog.at_level("WARNING", logger="transferlab"):
+        again, info = R.ensure_pretrained(config, None, progress=False)
+    assert again == path and info["cached"] is False
+    assert any("truncated or corrupt" in r.getMessage() and "pretraining again" in r.getMessage()
+               for r in caplog.records)
+    remade = C.load_checkpoint(path)  # the same seed and knobs: the same model again
+    assert all(np.array_equal(remade.params[n], good.params[n]) for n in good.params)
 
 
 # ---------------------------------------------------------------------- source LM loss

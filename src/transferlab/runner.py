@@ -293,9 +293,14 @@ def ensure_pretrained(config, pretrained: str | None, progress: bool):
         return Path(pretrained), {"path": str(pretrained), "cached": True}
     path = pretrained_cache_path(config)
     if path.exists():
-        check_pretrained(C.load_checkpoint(path), config, given=False)
-        log.info("using the cached pretrained model %s", path)
-        return path, {"path": str(path), "cached": True}
+        try:
+            cached = C.load_checkpoint(path)
+        except C.CheckpointError as err:  # a cache holds what a run can make again: remake it
+            log.warning("%s; pretraining again", err)
+        else:
+            check_pretrained(cached, config, given=False)
+            log.info("using the cached pretrained model %s", path)
+            return path, {"path": str(path), "cached": True}
     log.info("pretraining the source LM (cached afterwards at %s)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = pretrain(config, experiment_data(config), path, progress)
