@@ -9,6 +9,7 @@ runner's functions directly on a tiny config, with one pretrained model for the 
 import json
 import os
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from transferlab import checkpoint as C
 from transferlab import fileio
 from transferlab import runner as R
 from transferlab import train as T
-from transferlab.config import load_config, replace_in
+from transferlab.config import ConfigError, load_config, replace_in
 from transferlab.tasks import make_source
 from transferlab.train import evaluate, lm_split
 from test_fileio import dump_half_then_fail
@@ -83,6 +84,23 @@ def test_a_run_whose_results_write_fails_keeps_the_earlier_results(pre, tmp_path
         R.run(replace_in(config, "runner.seeds", [0, 1]))
     assert out.read_bytes() == earlier
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_each_output_gets_its_own_plot_beside_it(pre, tmp_path):
+    """runner.plot empty (as shipped): the plot is runner.output's path with .png, so a
+    second experiment with another --output does not overwrite the first one's plot."""
+    config = fresh(pre, tmp_path, **{"runner.strategies": ["feature_extractor"], "runner.plot": ""})
+    plots = {}
+    for name in ("a", "b"):
+        cfg = replace_in(config, "runner.output", str(tmp_path / "runs" / f"{name}.json"))
+        assert R.plot_path(cfg) == tmp_path / "runs" / f"{name}.png"
+        assert R.run(cfg) == 0
+        plots[name] = (tmp_path / "runs" / f"{name}.png").read_bytes()
+    assert plots["a"].startswith(b"\x89PNG") and plots["b"].startswith(b"\x89PNG")
+    assert (tmp_path / "runs" / "a.png").read_bytes() == plots["a"]  # untouched by run b
+    assert R.plot_path(replace_in(config, "runner.plot", "p.png")) == Path("p.png")  # as given
+    with pytest.raises(ConfigError, match="same file: set runner.plot"):
+        R.preflight(replace_in(config, "runner.output", str(tmp_path / "x.png")))
 
 
 # ---------------------------------------------------------------------- pretraining cache

@@ -300,7 +300,7 @@ class RunnerConfig:
     seeds: tuple[int, ...] = knob((0,), "one fine-tuning run per seed", ge=0, nonempty=True)
     output: str = knob("results.json", "results JSON file", nonempty=True)
     cache_dir: str = knob("cache", "where the pretrained model is cached", nonempty=True)
-    plot: str = knob("results.png", "learning-curve / sweep plot", nonempty=True)
+    plot: str = knob("", "learning-curve / sweep plot; empty: output's path with .png")
     progress: bool = knob(True, "show progress while training")
     jobs: int = knob(1, "worker processes for the independent runs (one BLAS thread each); "
                         "1 = every run in this process", ge=1)

@@ -356,19 +356,29 @@ OUTPUT_KNOBS = {"output": "runner.output (--output)", "plot": "runner.plot",
                 "cache_dir": "runner.cache_dir"}
 
 
+def plot_path(config) -> Path:
+    """Where the plot goes: runner.plot, or when that is empty runner.output's path with
+    .png (results.json -> results.png), so each --output keeps its own plot."""
+    r = config.runner
+    return Path(r.plot) if r.plot else Path(r.output).with_suffix(".png")
+
+
 def preflight(config) -> None:
     """Fail before work: every path the experiment will write is checked now (exit 2,
     naming the path and its knob), and temporary files that killed writers left behind
     are removed (fileio.remove_stale_temporaries: only ours, only of dead processes)."""
     r = config.runner
+    if plot_path(config) == Path(r.output):
+        raise ConfigError(f"runner.output {r.output} and the plot would be the same file: "
+                          "set runner.plot")
     try:
         check_writable(r.output, OUTPUT_KNOBS["output"])
-        check_writable(r.plot, OUTPUT_KNOBS["plot"])
+        check_writable(plot_path(config), OUTPUT_KNOBS["plot"])
         check_writable(r.cache_dir, OUTPUT_KNOBS["cache_dir"], directory=True)
     except OutputError as err:
         raise ConfigError(str(err)) from None
     cache = Path(r.cache_dir)
-    folders = {Path(r.output).parent, Path(r.plot).parent, cache, cache / "runs",
+    folders = {Path(r.output).parent, plot_path(config).parent, cache, cache / "runs",
                *(cache / "journal").glob("*")}
     for folder in folders:
         for path in remove_stale_temporaries(folder):
@@ -546,13 +556,13 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None, executo
     print(table(summary, pre_info["source_lm_loss"], summarize_references(references, kind),
                 pre_info["optimal_lm_loss"]))
     try:
-        plot(config.runner.plot, entries, summary, kind, sweep, references,
+        plot(plot_path(config), entries, summary, kind, sweep, references,
              pre_info["source_lm_loss"], pre_info["optimal_lm_loss"])
-        print(f"results: {config.runner.output}   plot: {config.runner.plot}")
+        print(f"results: {config.runner.output}   plot: {plot_path(config)}")
     except ImportError:
         print(f"results: {config.runner.output}   (no plot: matplotlib is not installed)")
     except OSError as err:
-        raise OutputError(f"{OUTPUT_KNOBS['plot']}: cannot write {config.runner.plot}: "
+        raise OutputError(f"{OUTPUT_KNOBS['plot']}: cannot write {plot_path(config)}: "
                           f"{err.strerror or err}") from err
     if sweep == "lr":
         print("rates chosen on the validation split (paste into config.yaml):\nstrategies:\n  lr:")
