@@ -149,6 +149,35 @@ def test_a_corrupt_cached_model_is_pretrained_again(tmp_path, caplog):
     assert all(np.array_equal(remade.params[n], good.params[n]) for n in good.params)
 
 
+def test_an_interrupted_pretraining_goes_on_to_the_uninterrupted_model(pre, tmp_path, monkeypatch):
+    """Ctrl-C after pretraining's first checkpoint: the next call resumes from it (it does
+    not start over) and caches the model an uninterrupted pretraining made."""
+    config = tiny(tmp_path)  # the module's knobs, so the module's model is the reference
+    save = C.save_checkpoint
+    saved_steps = []
+
+    def save_then_interrupt(path, *args, **kwargs):
+        saved_steps.append(kwargs.get("step"))
+        save(path, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(C, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        R.ensure_pretrained(config, None, progress=False)
+    running = R.pretrain_checkpoint_path(config)
+    assert saved_steps == [5] and running.is_file()  # TINY: pretrain.eval_every 5 of 10 steps
+    assert not R.pretrained_cache_path(config).exists()
+    monkeypatch.setattr(C, "save_checkpoint", save)
+    resumed_from = []
+    resume = T.ckpt.resume
+    monkeypatch.setattr(T.ckpt, "resume", lambda path, *a, **k: resumed_from.append(path) or resume(path, *a, **k))
+    path, info = R.ensure_pretrained(config, None, progress=False)
+    assert resumed_from == [str(running)] and info["cached"] is False
+    assert not running.exists()  # done: the cached model is the result
+    done, reference = C.load_checkpoint(path), C.load_checkpoint(pre[1])
+    assert all(np.array_equal(done.params[n], reference.params[n]) for n in reference.params)
+    assert info["history"] == reference.extra["history"]
+
+
 # ---------------------------------------------------------------------- source LM loss
 
 

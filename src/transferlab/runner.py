@@ -73,21 +73,48 @@ def rate_named(what: str, knob: str, lr: float):
                             f"try a lower one") from None
 
 
+def pretrain_checkpoint_path(config) -> Path:
+    """Where pretraining keeps its resumable checkpoint while it runs (one per cache key):
+    <cache_dir>/runs/pretrain-<first 16 hex of pretrain_key>.npz"""
+    return Path(config.runner.cache_dir) / "runs" / f"pretrain-{pretrain_key(config)[:16]}.npz"
+
+
 def pretrain(config, data, path: Path, progress: bool) -> dict:
-    """Train the LM head on the source (data.source()) and save the checkpoint at `path`."""
+    """Train the LM head on the source (data.source()) and save the checkpoint at `path`.
+
+    Like a fine-tuning run it writes a resumable checkpoint at every evaluation
+    (pretrain_checkpoint_path); an interrupted pretraining goes on from there the next
+    time the same knobs ask for it, with the numbers of one that never stopped."""
     p = config.pretrain
     source = data.source()
     model = GPT(backbone_config(config, data), seed=config.seed)
     data = Data("lm", lm_split(source.train), lm_split(source.val))
     plan = S.Plan("pretrain", pretrained=False, phases=(S.Phase(0, "all"),))
     bar = Progress("pretrain (source LM)", p.steps, progress)
-    with rate_named("pretraining", "pretrain.lr", p.lr):
-        result = train(model, data, plan, p, seed=config.seed, progress=bar)
+    running = pretrain_checkpoint_path(config)
+    running.parent.mkdir(parents=True, exist_ok=True)
+    resume = str(running) if running.exists() else None
+    if resume:
+        try:
+            C.load_checkpoint(running)
+        except C.CheckpointError as err:  # ours to remake, as the cached model is
+            log.warning("%s; pretraining from the start", err)
+            resume = None
+        else:
+            log.info("pretraining goes on from its checkpoint %s", running)
+    try:
+        with rate_named("pretraining", "pretrain.lr", p.lr):
+            result = train(model, data, plan, p, seed=config.seed, progress=bar,
+                           checkpoint=str(running), resume=resume,
+                           extra={"kind": "pretraining", "key": pretrain_key(config)})
+    finally:
+        bar.close()
     log.info("pretrained in %.1fs: source val loss %.4f (best at step %d)",
              result.seconds, result.best["loss"], result.best_step)
     C.save_checkpoint(path, model, step=result.steps_run,
                       extra={"kind": "pretrained", "history": result.history, "key": pretrain_key(config),
                              "pretrain_config": pretrain_config(config)})
+    running.unlink(missing_ok=True)  # the cached model is the result; nothing to resume
     return {"seconds": result.seconds, "history": result.history}
 
 
