@@ -222,8 +222,21 @@ def rested(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = No
 
 def interleaved(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = None) -> dict:
     """name -> list of `repeat` wall times (s): `rested` without the CPU columns."""
-    return {name: [r["wall"] for r in runs]
-            for name, runs in rested(fns, repeat, warmup, rest).items()}
+    return walls(rested(fns, repeat, warmup, rest))
+
+
+def walls(runs: dict) -> dict:
+    """name -> the wall times (s) of `rested`'s records."""
+    return {name: [r["wall"] for r in records] for name, records in runs.items()}
+
+
+def others_cores(*runs: dict) -> float | None:
+    """The cores other processes used on average during the timed calls of `rested` runs
+    (their CPU time over our wall time), or None off Linux."""
+    records = [r for run in runs for records in run.values() for r in records]
+    if not records or any(r["others"] is None for r in records):
+        return None
+    return sum(r["others"] for r in records) / sum(r["wall"] for r in records)
 
 
 def median_ms(times) -> float:
@@ -473,14 +486,14 @@ def _summarise(runs, flops, tokens, peak_flops) -> dict:
             f"{who}_gflops": gflops,
         })
     if "torch_ms" in res:
-        walls = {who: [r["wall"] for r in rs] for who, rs in runs.items()}
+        wall = walls(runs)
         # numpy time / torch time: the median of the rounds' ratios (paired_ratio)
-        res["ratio"] = paired_ratio(walls["numpy"], walls["torch"])
+        res["ratio"] = paired_ratio(wall["numpy"], wall["torch"])
         res["ratio_of_medians"] = res["numpy_ms"] / res["torch_ms"]
         res["ratio_best"] = res["numpy_ms_best"] / res["torch_ms_best"]  # the fastest of each
         res["ratio_cpu"] = paired_ratio(*([r["cpu"] for r in runs[w]] for w in ("numpy", "torch")))
         if "numpy_threads_ms" in res:
-            res["ratio_threads"] = paired_ratio(walls["numpy_threads"], walls["torch"])
+            res["ratio_threads"] = paired_ratio(wall["numpy_threads"], wall["torch"])
             res["ratio_threads_best"] = res["numpy_threads_ms_best"] / res["torch_ms_best"]
     return res
 
@@ -637,8 +650,10 @@ def bench_scaling(repeat, torch=None, base=SCALING_BASE, Ts=SCALING_T, batches=S
             tmodel = TorchGPT(torch, model)
             tidx, ttargets = torch.tensor(idx), torch.tensor(targets)
             fns["torch"] = lambda: tmodel.fwd_bwd(tidx, ttargets)
-        times = interleaved(fns, repeat)
-        row = {"T": shape["T"], "batch": shape["B"], "numpy_ms": median_ms(times["numpy"])}
+        runs = rested(fns, repeat)
+        times = walls(runs)
+        row = {"T": shape["T"], "batch": shape["B"], "numpy_ms": median_ms(times["numpy"]),
+               "others_cpu": others_cores(runs)}
         row["numpy_us_per_token"] = row["numpy_ms"] * 1e3 / (shape["T"] * shape["B"])
         if torch is not None:
             row["torch_ms"] = median_ms(times["torch"])
@@ -700,18 +715,21 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
             m(idx, y)
         opt.step(m.backward())
 
-    times = interleaved({how: functools.partial(step, how) for how in models}, repeat)
+    step_runs = rested({how: functools.partial(step, how) for how in models}, repeat)
+    times = walls(step_runs)
     res = {f"{how}_ms": median_ms(ts) for how, ts in times.items()}
     # the optimizer alone: where a sparse or BitFit step differs from a full one
     grads = {}
     for how in ("full", "bitfit", "sparse"):
         models[how](idx, y)
         grads[how] = models[how].backward()
-    adamw = interleaved({how: functools.partial(opts[how].step, g) for how, g in grads.items()},
+    adamw_runs = rested({how: functools.partial(opts[how].step, g) for how, g in grads.items()},
                         repeat)
+    adamw = walls(adamw_runs)
     res.update({f"{how}_adamw_ms": median_ms(ts) for how, ts in adamw.items()})
     res.update(
         extract_ms=median_ms(extract["extract"]),
+        others_cpu=others_cores(step_runs, adamw_runs),
         loss_abs_diff=abs(loss_masks - loss_cache),
         speedup_cache_vs_full=paired_ratio(times["full"], times["cache"]),
         speedup_masks_vs_full=paired_ratio(times["full"], times["masks"]),
@@ -1130,6 +1148,18 @@ def others_by_row(sizes: dict) -> dict:
     return rows
 
 
+def others_in_every_row(result: dict) -> dict:
+    """others_by_row, and the rows of the scaling and head-only tables, which run last:
+    the verdict covers every table the report prints."""
+    rows = others_by_row(result["sizes"])
+    for axis in ("T", "batch"):
+        for row in (result.get("scaling") or {}).get(axis, []):
+            rows[f"scaling {axis} (T {row['T']}, batch {row['batch']})"] = row.get("others_cpu")
+    for name, r in (result.get("feature_cache") or {}).items():
+        rows[f"head-only {name}"] = r.get("others_cpu")
+    return {row: x for row, x in rows.items() if x is not None}
+
+
 def _busy(x) -> str:
     """The report's mark after a row whose others went over the limit."""
     return "  <- busy" if x is not None and x > QUIET_OTHERS else ""
@@ -1210,7 +1240,7 @@ def format_report(result) -> str:
         for row in sc["T"] + sc["batch"]:
             t = f"{row['torch_ms']:9.2f} {row['ratio']:8.2f}" if "torch_ms" in row else ""
             lines.append(f"{row['T']:5d} {row['batch']:5d} {row['numpy_ms']:9.2f} "
-                         f"{row['numpy_us_per_token']:9.2f} {t}")
+                         f"{row['numpy_us_per_token']:9.2f} {t}{_busy(row.get('others_cpu'))}")
     if result.get("feature_cache"):
         lines += ["", "head-only and masked training, sequence classifier (mean pooling, 4 classes), "
                   "ms/step (forward, backward, AdamW):",
@@ -1223,7 +1253,7 @@ def format_report(result) -> str:
                 f"{r['extract_ms']:9.2f} {r['bitfit_ms']:9.2f} {r['sparse_ms']:9.2f} "
                 f"{r['speedup_cache_vs_full']:9.1f}x "
                 f"{r['speedup_cache_vs_masks']:10.1f}x {r['bitfit_vs_full']:11.2f} "
-                f"{r['sparse_vs_full']:11.2f} {r['loss_abs_diff']:8.1e}")
+                f"{r['sparse_vs_full']:11.2f} {r['loss_abs_diff']:8.1e}{_busy(r.get('others_cpu'))}")
         lines.append("extract: the one backbone pass that fills the cache; cache/full: "
                      "full-FT step time / cached step time (x/y columns: paired ratios); "
                      f"sparse: {SPARSE_KEEP:.0%} of every weight matrix trains")
@@ -1276,7 +1306,7 @@ def run(sizes=tuple(SIZES), repeat=7, threads=None, scaling=True, feature_cache=
     peak = add_peak_fractions(result["sizes"])
     result["machine"] = machine_info(thread_info, peak, torch)
     result["machine"]["load_average_before_after"] = [load_before, load_average()]
-    others = others_by_row(result["sizes"])
+    others = others_in_every_row(result)
     busy = [row for row, x in others.items() if x > QUIET_OTHERS]
     quiet, why = quiet_verdict(load_before, max(others.values()) if others else None, busy)
     result["quiet"] = {"quiet": quiet, "why": why, "load_limit": QUIET_LOAD,

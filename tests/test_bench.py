@@ -87,6 +87,7 @@ def test_benchmark_smoke_json(tmp_path, restore_threads):
     for key in ("sparse_adamw_vs_full", "sparse_vs_full", "bitfit_vs_full", "speedup_cache_vs_full"):
         assert cache[key] > 0, key  # paired ratios: their rounds are not in the JSON
     assert cache["loss_abs_diff"] < 1e-6  # training on cached features = the uncached path
+    assert cache["others_cpu"] is None or cache["others_cpu"] >= 0
     assert result["max_rss_mb"] > 0
 
 
@@ -161,6 +162,22 @@ def test_the_rows_other_processes_disturbed_are_named_and_marked():
     assert bench.others_by_row(sizes) == {"tiny fwd+bwd": 0.02, "tiny fwd+bwd batch/N": 0.46,
                                           "tiny train step": 0.30, "gpt2 fwd+bwd": 0.01}
     assert bench._busy(0.46) and not bench._busy(0.25) and not bench._busy(None)
+    # the tables that run last count too: the scaling rows and the head-only sizes
+    result = {"sizes": sizes,
+              "scaling": {"T": [{"T": 32, "batch": 32, "others_cpu": 0.61}],
+                          "batch": [{"T": 64, "batch": 8, "others_cpu": None}]},
+              "feature_cache": {"small": {"others_cpu": 0.04}}}
+    rows = bench.others_in_every_row(result)
+    assert rows["scaling T (T 32, batch 32)"] == 0.61 and rows["head-only small"] == 0.04
+    assert "scaling batch (T 64, batch 8)" not in rows  # not measured (off Linux): no row
+
+
+def test_others_cores_is_their_cpu_time_over_our_wall_time():
+    rec = lambda wall, others: {"wall": wall, "cpu": wall, "others": others}  # noqa: E731
+    runs = {"a": [rec(1.0, 0.5), rec(1.0, 0.0)], "b": [rec(2.0, 1.0)]}
+    assert bench.others_cores(runs) == pytest.approx(1.5 / 4.0)
+    assert bench.others_cores(runs, {"c": [rec(4.0, 0.5)]}) == pytest.approx(2.0 / 8.0)
+    assert bench.others_cores({"a": [rec(1.0, None)]}) is None
 
 
 def test_scaling_rows_cover_each_length_and_batch(restore_threads):
@@ -170,6 +187,7 @@ def test_scaling_rows_cover_each_length_and_batch(restore_threads):
     assert [(r["T"], r["batch"]) for r in sc["batch"]] == [(32, 2), (32, 4)]
     for row in sc["T"] + sc["batch"]:
         assert row["numpy_ms"] > 0 and row["numpy_us_per_token"] > 0
+        assert row["others_cpu"] is None or row["others_cpu"] >= 0
         assert ("ratio" in row) == (torch is not None)
 
 
