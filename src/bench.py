@@ -222,12 +222,12 @@ def rested(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = No
 
 def interleaved(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = None) -> dict:
     """name -> list of `repeat` wall times (s): `rested` without the CPU columns."""
-    return walls(rested(fns, repeat, warmup, rest))
+    return column(rested(fns, repeat, warmup, rest))
 
 
-def walls(runs: dict) -> dict:
-    """name -> the wall times (s) of `rested`'s records."""
-    return {name: [r["wall"] for r in records] for name, records in runs.items()}
+def column(runs: dict, key: str = "wall") -> dict:
+    """name -> one field of `rested`'s records, in round order: "wall" or "cpu" (s)."""
+    return {name: [r[key] for r in records] for name, records in runs.items()}
 
 
 def others_cores(*runs: dict) -> float | None:
@@ -437,13 +437,14 @@ def bench_size(name, repeat, torch=None, spec=None, peak_n=1024, threads=1,
 
 def _summarise_cpu(runs) -> dict:
     """Medians of CPU time per call (ms) for each side, and numpy / torch (paired_ratio)."""
+    cpu, wall = column(runs, "cpu"), column(runs)
     res = {}
-    for who, rs in runs.items():
-        res[f"{who}_cpu_ms"] = median_ms([r["cpu"] for r in rs])
-        res[f"{who}_ms"] = median_ms([r["wall"] for r in rs])
+    for who in runs:
+        res[f"{who}_cpu_ms"] = median_ms(cpu[who])
+        res[f"{who}_ms"] = median_ms(wall[who])
     if "torch" in runs:
-        res["ratio_cpu"] = paired_ratio(*([r["cpu"] for r in runs[who]] for who in ("numpy", "torch")))
-        res["ratio"] = paired_ratio(*([r["wall"] for r in runs[who]] for who in ("numpy", "torch")))
+        res["ratio_cpu"] = paired_ratio(cpu["numpy"], cpu["torch"])
+        res["ratio"] = paired_ratio(wall["numpy"], wall["torch"])
     return res
 
 
@@ -469,29 +470,28 @@ def _summarise(runs, flops, tokens, peak_flops) -> dict:
     peak_times = [r["wall"] for r in runs.pop("matmul_peak")]
     res = {"peak_gflops": peak_flops / statistics.median(peak_times) / 1e9,
            "peak_gflops_best": peak_flops / min(peak_times) / 1e9}
+    wall, cpu = column(runs), column(runs, "cpu")
     for who, rs in runs.items():
-        ts = [r["wall"] for r in rs]
+        ts = wall[who]
         ms = median_ms(ts)
         gflops = flops / (ms / 1e3) / 1e9
-        others = [r["others"] for r in rs if r["others"] is not None]
         res.update({
             f"{who}_ms": ms,
             f"{who}_ms_best": min(ts) * 1e3,
             f"{who}_ms_all": [t * 1e3 for t in ts],
-            f"{who}_cpu_ms": median_ms([r["cpu"] for r in rs]),
+            f"{who}_cpu_ms": median_ms(cpu[who]),
             # cores in use on average during the timed calls: ours, and everyone else's
-            f"{who}_cpu_use": sum(r["cpu"] for r in rs) / sum(ts),
-            f"{who}_others_cpu": sum(others) / sum(ts) if others else None,
+            f"{who}_cpu_use": sum(cpu[who]) / sum(ts),
+            f"{who}_others_cpu": others_cores({who: rs}),
             f"{who}_tokens_per_s": tokens / (ms / 1e3),
             f"{who}_gflops": gflops,
         })
     if "torch_ms" in res:
-        wall = walls(runs)
         # numpy time / torch time: the median of the rounds' ratios (paired_ratio)
         res["ratio"] = paired_ratio(wall["numpy"], wall["torch"])
         res["ratio_of_medians"] = res["numpy_ms"] / res["torch_ms"]
         res["ratio_best"] = res["numpy_ms_best"] / res["torch_ms_best"]  # the fastest of each
-        res["ratio_cpu"] = paired_ratio(*([r["cpu"] for r in runs[w]] for w in ("numpy", "torch")))
+        res["ratio_cpu"] = paired_ratio(cpu["numpy"], cpu["torch"])
         if "numpy_threads_ms" in res:
             res["ratio_threads"] = paired_ratio(wall["numpy_threads"], wall["torch"])
             res["ratio_threads_best"] = res["numpy_threads_ms_best"] / res["torch_ms_best"]
@@ -651,7 +651,7 @@ def bench_scaling(repeat, torch=None, base=SCALING_BASE, Ts=SCALING_T, batches=S
             tidx, ttargets = torch.tensor(idx), torch.tensor(targets)
             fns["torch"] = lambda: tmodel.fwd_bwd(tidx, ttargets)
         runs = rested(fns, repeat)
-        times = walls(runs)
+        times = column(runs)
         row = {"T": shape["T"], "batch": shape["B"], "numpy_ms": median_ms(times["numpy"]),
                "others_cpu": others_cores(runs)}
         row["numpy_us_per_token"] = row["numpy_ms"] * 1e3 / (shape["T"] * shape["B"])
@@ -716,7 +716,7 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
         opt.step(m.backward())
 
     step_runs = rested({how: functools.partial(step, how) for how in models}, repeat)
-    times = walls(step_runs)
+    times = column(step_runs)
     res = {f"{how}_ms": median_ms(ts) for how, ts in times.items()}
     # the optimizer alone: where a sparse or BitFit step differs from a full one
     grads = {}
@@ -725,7 +725,7 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
         grads[how] = models[how].backward()
     adamw_runs = rested({how: functools.partial(opts[how].step, g) for how, g in grads.items()},
                         repeat)
-    adamw = walls(adamw_runs)
+    adamw = column(adamw_runs)
     res.update({f"{how}_adamw_ms": median_ms(ts) for how, ts in adamw.items()})
     res.update(
         extract_ms=median_ms(extract["extract"]),
