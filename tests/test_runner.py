@@ -178,6 +178,19 @@ def test_an_interrupted_pretraining_goes_on_to_the_uninterrupted_model(pre, tmp_
     assert info["history"] == reference.extra["history"]
 
 
+def test_a_corrupt_pretraining_checkpoint_starts_pretraining_over(pre, tmp_path, caplog):
+    config = tiny(tmp_path)
+    running = R.pretrain_checkpoint_path(config)
+    running.parent.mkdir(parents=True)
+    running.write_bytes(b"half a checkpoint")
+    with caplog.at_level("WARNING", logger="transferlab"):
+        path, info = R.ensure_pretrained(config, None, progress=False)
+    assert any("pretraining from the start" in r.getMessage() for r in caplog.records)
+    assert not running.exists() and info["cached"] is False
+    done, reference = C.load_checkpoint(path), C.load_checkpoint(pre[1])
+    assert all(np.array_equal(done.params[n], reference.params[n]) for n in reference.params)
+
+
 # ---------------------------------------------------------------------- source LM loss
 
 

@@ -73,6 +73,19 @@ def rate_named(what: str, knob: str, lr: float):
                             f"try a lower one") from None
 
 
+def sound_cache_file(path: Path, then: str) -> C.Checkpoint | None:
+    """Our own checkpoint cached at `path`, or None when there is none or it is truncated
+    or corrupt (a warning says so and what happens `then`): a cache holds only what a run
+    can make again, so a bad file is remade, not an error."""
+    if not path.exists():
+        return None
+    try:
+        return C.load_checkpoint(path)
+    except C.CheckpointError as err:
+        log.warning("%s; %s", err, then)
+        return None
+
+
 def pretrain_checkpoint_path(config) -> Path:
     """Where pretraining keeps its resumable checkpoint while it runs (one per cache key):
     <cache_dir>/runs/pretrain-<first 16 hex of pretrain_key>.npz"""
@@ -93,15 +106,10 @@ def pretrain(config, data, path: Path, progress: bool) -> dict:
     bar = Progress("pretrain (source LM)", p.steps, progress)
     running = pretrain_checkpoint_path(config)
     running.parent.mkdir(parents=True, exist_ok=True)
-    resume = str(running) if running.exists() else None
+    # read here to know it is sound; train reads it again to resume (once, a small file)
+    resume = str(running) if sound_cache_file(running, "pretraining from the start") else None
     if resume:
-        try:
-            C.load_checkpoint(running)
-        except C.CheckpointError as err:  # ours to remake, as the cached model is
-            log.warning("%s; pretraining from the start", err)
-            resume = None
-        else:
-            log.info("pretraining goes on from its checkpoint %s", running)
+        log.info("pretraining goes on from its checkpoint %s", running)
     try:
         with rate_named("pretraining", "pretrain.lr", p.lr):
             result = train(model, data, plan, p, seed=config.seed, progress=bar,
@@ -319,15 +327,11 @@ def ensure_pretrained(config, pretrained: str | None, progress: bool):
         check_pretrained(C.load_checkpoint(pretrained), config, given=True)
         return Path(pretrained), {"path": str(pretrained), "cached": True}
     path = pretrained_cache_path(config)
-    if path.exists():
-        try:
-            cached = C.load_checkpoint(path)
-        except C.CheckpointError as err:  # a cache holds what a run can make again: remake it
-            log.warning("%s; pretraining again", err)
-        else:
-            check_pretrained(cached, config, given=False)
-            log.info("using the cached pretrained model %s", path)
-            return path, {"path": str(path), "cached": True}
+    cached = sound_cache_file(path, "pretraining again")
+    if cached is not None:
+        check_pretrained(cached, config, given=False)
+        log.info("using the cached pretrained model %s", path)
+        return path, {"path": str(path), "cached": True}
     log.info("pretraining the source LM (cached afterwards at %s)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = pretrain(config, experiment_data(config), path, progress)
