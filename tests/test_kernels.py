@@ -244,13 +244,32 @@ def test_cross_entropy_chunked_equals_plain_bit_for_bit(smoothing, count, dtype,
     assert loss0 == 0.0 and d0.shape == logits.shape and not d0.any()
 
 
+def test_add_rows_at_equals_ufunc_at_bit_for_bit():
+    """The flat-index form adds the same rows in the same order as np.add.at on rows, also
+    across its chunks of rows, and refuses a target whose 1-D view would be a copy."""
+    r = np.random.default_rng(15)
+    C = 3  # rows of 3: a chunk is CHUNK_BYTES / 24 rows, so 25,000 rows span three chunks
+    rows = r.integers(0, 7, 25_000)  # every row repeats thousands of times
+    values = (r.standard_normal((25_000, C)) * 10.0 ** r.integers(-4, 4, (25_000, 1))).astype(np.float32)
+    want = r.standard_normal((7, C)).astype(np.float32)
+    got = want.copy()
+    np.add.at(want, rows, values)
+    K.add_rows_at(got, rows, values)
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.add_rows_at(np.zeros((C, 7), np.float32).T, rows, values)
+
+
+@pytest.mark.parametrize("V", [31, 20])
 @pytest.mark.parametrize("tied", [False, True])
-def test_embedding_rows_equal_plain_bit_for_bit(tied):
+def test_embedding_rows_equal_plain_bit_for_bit(tied, V):
     """Sums over the batch's own tokens, written into dwte or added into the tied head's
-    gradient, equal np.add.at into a zero (V, C) array (plus the head's gradient)."""
+    gradient, equal np.add.at into a zero (V, C) array (plus the head's gradient): with
+    fewer positions than rows (24 < 31, the (tokens, C) sums) and with more (24 >= 20,
+    all V rows summed)."""
     r = np.random.default_rng(16)
-    V, T, C = 31, 6, 5  # 24 positions, fewer than the 31 rows: the rows form runs
-    idx = r.integers(0, 6, (4, T))  # tokens 6..30 never occur; most occur several times
+    T, C = 6, 5  # 24 positions
+    idx = r.integers(0, 6, (4, T))  # tokens 6..V-1 never occur; most occur several times
     dout = r.standard_normal((4, T, C)).astype(np.float32)
     cache = (idx, (V, C), (8, C))
     head = r.standard_normal((V, C)).astype(np.float32) if tied else None
