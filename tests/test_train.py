@@ -336,6 +336,24 @@ def test_resuming_an_early_stopped_run_trains_no_further(tmp_path):
     assert again.params["seq_head.bias"][0] == best  # ends on the best parameters too
 
 
+def test_a_resumed_run_counts_the_seconds_before_its_checkpoint(tmp_path, monkeypatch):
+    """Result.seconds of a resumed run is the time to reach the checkpoint plus the time
+    after the resume: the first run's clock is made to jump 1000 s a reading, so its
+    checkpoint holds thousands of seconds the resumed run (milliseconds) must carry on."""
+    import transferlab.train as T
+    data = target("score")
+    plan = build_plan("full_finetune", 4, L, KNOBS)
+    path = str(tmp_path / "run.npz")
+    clock = itertools.count(0.0, 1000.0)
+    monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
+    first = train(tiny("score"), data, plan, settings(steps=4, eval_every=2), checkpoint=path)
+    monkeypatch.undo()
+    before = load_checkpoint(path).extra["train"]["seconds"]
+    assert before >= 1000.0 and first.seconds >= before
+    again = train(tiny("score"), data, plan, settings(steps=4, eval_every=2), resume=path)
+    assert before <= again.seconds < before + 60.0
+
+
 def test_plateau_schedule_cuts_the_rate_after_patience_bad_evaluations():
     data, model = target("score"), tiny("score")
     # MSE by step: best, worse, worse (2 > patience 1 bad evaluations: halve), best, worse,

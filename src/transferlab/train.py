@@ -318,6 +318,9 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
         state = saved.extra["train"]
         order.restore(state["order"])
         start, bad_evals = saved.step, state["bad_evals"]
+        # the clock goes on from the checkpoint's: seconds to reach it, then this run's
+        # (steps done after it before the interruption are redone, and counted once)
+        t0 -= float(state.get("seconds", 0.0))  # absent in checkpoints older than the field
         result.history, result.best, result.best_step = state["history"], state["best"], state["best_step"]
         result.trainable_by_phase = state["trainable_by_phase"]
         result.trainable_params = count(model)[0]
@@ -394,7 +397,8 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
                 extra={**(extra or {}), "train": {
                     "order": order.state(), "bad_evals": bad_evals, "history": result.history,
                     "best": result.best, "best_step": result.best_step,
-                    "trainable_by_phase": result.trainable_by_phase}})
+                    "trainable_by_phase": result.trainable_by_phase,
+                    "seconds": time.perf_counter() - t0}})
             written = step + 1
         if s.patience and bad_evals >= s.patience:
             result.stopped = f"early stop at step {step + 1}: no better {metric} in {s.patience} evaluations"
