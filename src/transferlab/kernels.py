@@ -86,6 +86,7 @@ def add_rows_at(target, rows, values):
         raise ValueError("add_rows_at needs a C-contiguous target (its 1-D view is written)")
     C = target.shape[1]
     flat = target.reshape(-1)  # (R * C,) a view of target
+    rows = np.asarray(rows, dtype=np.intp)  # rows * C in the platform's index type
     values = values.reshape(len(rows), C)  # (N, C)
     columns = np.arange(C)  # (C,)
     for part in row_chunks(len(rows), C * columns.itemsize):
