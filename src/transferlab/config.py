@@ -167,16 +167,22 @@ class TrainingConfig:
                               ge=1)
 
 
+def own_rate(config, strategy: str) -> float:
+    """strategies.lr.<strategy>: the strategy's own fine-tuning rate, 0.0 when it has none
+    (then finetune.lr applies)."""
+    return getattr(config.strategies.lr, strategy, 0.0)
+
+
 def finetune_for(config, strategy: str):
     """The finetune section with the strategy's own rate when strategies.lr sets one."""
-    own = getattr(config.strategies.lr, strategy, 0.0)
+    own = own_rate(config, strategy)
     return dataclasses.replace(config.finetune, lr=own) if own else config.finetune
 
 
 def lr_knob(config, strategy: str) -> str:
     """The knob that sets a strategy's fine-tuning rate (finetune_for): its own
     strategies.lr.<name>, or finetune.lr when that is 0."""
-    return f"strategies.lr.{strategy}" if getattr(config.strategies.lr, strategy, 0.0) else "finetune.lr"
+    return f"strategies.lr.{strategy}" if own_rate(config, strategy) else "finetune.lr"
 
 
 def with_defaults(cls, name, doc, **defaults):

@@ -27,7 +27,7 @@ from . import journal as J
 from . import lora
 from . import masks as M
 from . import strategies as S
-from .config import ConfigError, config_hash, finetune_for, lr_knob, replace_in
+from .config import ConfigError, config_hash, finetune_for, lr_knob, own_rate, replace_in
 from .fileio import OutputError, check_writable, remove_stale_temporaries, write_json_atomic
 from .model import GPT, GPTConfig
 from .experiment_data import experiment_data, task_spec  # noqa: F401 (runner.task_spec in the docs)
@@ -481,7 +481,7 @@ class _OneBlasThread:
 def warn_unused_finetune_lr(config) -> bool:
     """finetune.lr set away from its default while every strategy of the run has its own
     rate in strategies.lr, so that nothing uses it: say so once (True if it did)."""
-    own = {name: getattr(config.strategies.lr, name) for name in config.runner.strategies}
+    own = {name: own_rate(config, name) for name in config.runner.strategies}
     if config.finetune.lr == type(config.finetune)().lr or not all(own.values()):
         return False
     rates = ", ".join(f"strategies.lr.{name} = {lr:g}" for name, lr in own.items())
