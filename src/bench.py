@@ -811,89 +811,214 @@ def profile_torch(torch, name, steps=5, top=10, spec=None) -> dict:
 # --kernels: each fast form against the forms it builds on, one layer, one thread
 
 
-def kernel_gains(sizes, repeat=7, rest=0.05) -> dict:
-    """CPU ms (best of `repeat`, one BLAS thread) of one layer's forward+backward on each
-    size's shapes: the plain form (layers.py), the in-place form (kernels.*_fast) and the
-    table's form (chunked GELU and LayerNorm, tiled attention), side by side; and the LM
-    loss (cross-entropy and its gradient on the (B*T, V) logits) and the tied embedding's
+def kernel_gains(sizes, repeat=7, rest=0.05, torch=None) -> dict:
+    """CPU ms (best of `repeat`, one thread) of one layer's forward+backward on each size's
+    shapes: the plain form (layers.py), the in-place form (kernels.*_fast), the table's
+    form (chunked GELU and LayerNorm, tiled attention) and, with torch, the same layer in
+    PyTorch (`torch_layers`); the forms of one layer are timed in alternating rounds
+    (`cpu_ms_each`), and "vs_torch" is the median of the rounds' table / torch ratios.
+    Also the block's four linear layers (one form, in both tables), the LM loss
+    (cross-entropy and its gradient on the (B*T, V) logits) and the tied embedding's
     backward (its rows added into the LM head's gradient of wte), which have no in-place
-    form (None)."""
+    form (None). With torch, "fwd+bwd" adds up the layers of a step (`layers_of_a_step`)."""
+    set_threads(1, torch)
+    result = {}
+    for name in sizes:
+        inputs = layer_inputs(SIZES[name])
+        forms = numpy_layers(inputs)
+        theirs = torch_layers(torch, inputs) if torch is not None else {}
+        result[name] = {}
+        for layer, (plain, inplace, table) in forms.items():
+            fns = {"plain_ms": None if plain is table else plain, "inplace_ms": inplace,
+                   "table_ms": table, "torch_ms": theirs.get(layer)}
+            times = cpu_ms_each({k: fn for k, fn in fns.items() if fn is not None}, repeat, rest)
+            r = result[name][layer] = {k: min(times[k]) if k in times else None for k in fns}
+            if plain is table:  # one form (linear): timed once, the same in both tables
+                r["plain_ms"] = r["table_ms"]
+            r["rounds_ms"] = times
+            if theirs:  # the median of the rounds' ratios: the two calls of a round ran side by side
+                r["vs_torch"] = paired_ratio(times["table_ms"], times["torch_ms"])
+        if theirs:
+            result[name]["fwd+bwd"] = layers_of_a_step(result[name], SIZES[name]["n_layer"])
+    return result
+
+
+def layers_of_a_step(layers: dict, n_layer: int) -> dict:
+    """The layers of one forward+backward added up, each side's median times the number of
+    times a step runs it: per block the four linear layers, GELU, attention and two
+    LayerNorms, then the final LayerNorm, the LM loss and the embedding's backward. The LM
+    head's product, the residual adds and the glue between layers are not in it."""
+    runs = {"linear": n_layer, "gelu": n_layer, "attention": n_layer, "layernorm": 2 * n_layer + 1,
+            "cross_entropy": 1, "embedding": 1}
+    total = {side: sum(k * statistics.median(layers[layer]["rounds_ms"][f"{side}_ms"])
+                       for layer, k in runs.items()) for side in ("table", "torch")}
+    return {"numpy_ms": total["table"], "torch_ms": total["torch"],
+            "vs_torch": total["table"] / total["torch"]}
+
+
+def layer_inputs(spec, seed=0) -> dict:
+    """Random inputs for one layer of each kind at a size's shapes (float32): the four
+    linear layers' x, w, b and upstream gradient, GELU's (B, T, 4C) input, LayerNorm's
+    (B, T, C) input and weights, attention's qkv and dy, the LM loss's logits and targets,
+    the embedding's token ids and the tied head's gradient it adds into."""
+    B, T, C, NH, V = (spec[k] for k in ("batch", "block_size", "n_embd", "n_head", "vocab_size"))
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+    shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]  # [in, out]: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    return {"n_head": NH, "vocab_size": V,
+            "linear": [(normal(B, T, i), normal(i, o) * 0.02, np.zeros(o, np.float32), normal(B, T, o))
+                       for i, o in shapes],
+            "x4": normal(B, T, 4 * C), "x": normal(B, T, C),
+            "w": np.ones(C, np.float32), "b": np.zeros(C, np.float32),
+            "qkv": normal(B, T, 3 * C), "dy": normal(B, T, C),
+            "logits": normal(B * T, V), "targets": rng.integers(0, V, B * T),
+            "idx": rng.integers(0, V, (B, T)), "head_dwte": np.zeros((V, C), np.float32)}
+
+
+def numpy_layers(inp) -> dict:
+    """layer -> [plain, in-place or None, the fast table's form]: callables running one
+    forward+backward on `layer_inputs`' arrays, each returning its gradients (the linear
+    layers: their dx; the embedding: (dwte, dwpe), dwte being the head's gradient added to)."""
     from transferlab import kernels as K
     from transferlab import layers as L
     from transferlab import losses
 
-    def best_cpu_ms(fn):
-        fn()
-        best = float("inf")
-        for _ in range(repeat):
-            time.sleep(rest)
-            t0 = cpu_seconds()
-            fn()
-            best = min(best, cpu_seconds() - t0)
-        return best * 1e3
-
     def fwd_bwd(forward, backward, dout, *args):
         def run():
             out, cache = forward(*args)
-            backward(out if dout is None else dout, cache)
+            return backward(out if dout is None else dout, cache)
         return run
 
-    set_threads(1)
-    rng = np.random.default_rng(0)
-    result = {}
-    for name in sizes:
-        sp = SIZES[name]
-        B, T, C, NH = sp["batch"], sp["block_size"], sp["n_embd"], sp["n_head"]
-        x4 = rng.standard_normal((B, T, 4 * C), dtype=np.float32)  # GELU's input (B, T, 4C)
-        x = rng.standard_normal((B, T, C), dtype=np.float32)  # LayerNorm's (B, T, C)
-        w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
-        qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32)  # (B, T, 3C)
-        dy = rng.standard_normal((B, T, C), dtype=np.float32)
-        allowed = L.attention_mask(T, True)
-        forms = {
-            "gelu": [(L.gelu_forward, L.gelu_backward), (K.gelu_forward_fast, K.gelu_backward_fast),
-                     (K.gelu_forward_chunked, K.gelu_backward_chunked)],
-            "layernorm": [(L.layernorm_forward, L.layernorm_backward),
-                          (K.layernorm_forward_fast, K.layernorm_backward_fast),
-                          (K.layernorm_forward_chunked, K.layernorm_backward_chunked)],
-            "attention": [(L.attention_forward, L.attention_backward),
-                          (K.attention_forward_fast, K.attention_backward_fast),
-                          (K.attention_forward_tiled, K.attention_backward_tiled)],
-        }
-        args = {"gelu": (None, x4), "layernorm": (None, x, w, b), "attention": (dy, qkv, NH, allowed)}
-        result[name] = {}
-        for layer, pairs in forms.items():
-            dout, *a = args[layer]
-            ms = [best_cpu_ms(fwd_bwd(f, bwd, dout, *a)) for f, bwd in pairs]
-            result[name][layer] = dict(zip(("plain_ms", "inplace_ms", "table_ms"), ms))
-        V = sp["vocab_size"]
-        logits = rng.standard_normal((B * T, V), dtype=np.float32)  # the LM head's (B*T, V)
-        targets = rng.integers(0, V, B * T)
-        idx = rng.integers(0, V, (B, T))
-        emb_cache, head_dwte = (idx, (V, C), (T, C)), np.zeros((V, C), np.float32)
-        calls = {"cross_entropy": (losses.cross_entropy, K.cross_entropy_chunked, (logits, targets)),
-                 "embedding": (L.embedding_backward, K.embedding_backward_rows, (dy, emb_cache, head_dwte))}
-        for layer, (plain, table, a) in calls.items():
-            result[name][layer] = {"plain_ms": best_cpu_ms(lambda: plain(*a)), "inplace_ms": None,
-                                   "table_ms": best_cpu_ms(lambda: table(*a))}
-    return result
+    def linears():
+        return [L.linear_backward(d, L.linear_forward(x, w, b)[1])[0] for x, w, b, d in inp["linear"]]
+
+    x4, x, w, b, qkv, dy = (inp[k] for k in ("x4", "x", "w", "b", "qkv", "dy"))
+    NH, T, C = inp["n_head"], x.shape[1], x.shape[2]
+    allowed = L.attention_mask(T, True)
+    emb_cache = (inp["idx"], (inp["vocab_size"], C), (T, C))
+    logits, targets, head = inp["logits"], inp["targets"], inp["head_dwte"]
+    return {
+        "linear": [linears, None, linears],
+        "gelu": [fwd_bwd(L.gelu_forward, L.gelu_backward, None, x4),
+                 fwd_bwd(K.gelu_forward_fast, K.gelu_backward_fast, None, x4),
+                 fwd_bwd(K.gelu_forward_chunked, K.gelu_backward_chunked, None, x4)],
+        "layernorm": [fwd_bwd(L.layernorm_forward, L.layernorm_backward, None, x, w, b),
+                      fwd_bwd(K.layernorm_forward_fast, K.layernorm_backward_fast, None, x, w, b),
+                      fwd_bwd(K.layernorm_forward_chunked, K.layernorm_backward_chunked, None, x, w, b)],
+        "attention": [fwd_bwd(L.attention_forward, L.attention_backward, dy, qkv, NH, allowed),
+                      fwd_bwd(K.attention_forward_fast, K.attention_backward_fast, dy, qkv, NH, allowed),
+                      fwd_bwd(K.attention_forward_tiled, K.attention_backward_tiled, dy, qkv, NH, allowed)],
+        "cross_entropy": [lambda: losses.cross_entropy(logits, targets), None,
+                          lambda: K.cross_entropy_chunked(logits, targets)],
+        "embedding": [lambda: L.embedding_backward(dy, emb_cache, head), None,
+                      lambda: K.embedding_backward_rows(dy, emb_cache, head)],
+    }
+
+
+def torch_layers(torch, inp) -> dict:
+    """layer -> a callable running that layer's forward+backward in PyTorch on the arrays
+    of `layer_inputs`, as TorchGPT runs it (autograd, the backward fed the same upstream
+    gradient as numpy_layers'): addmm, tanh GELU, F.layer_norm, causal
+    scaled_dot_product_attention, F.cross_entropy, and the embedding's backward (aten's
+    embedding_dense_backward added into the head's gradient, and the positions' sum).
+    Each returns the gradients numpy_layers' forms return, as tensors."""
+    F, t = torch.nn.functional, torch.from_numpy
+    leaf = lambda a: t(a).requires_grad_(True)  # noqa: E731
+    x4, x, w, b, qkv, dy = (inp[k] for k in ("x4", "x", "w", "b", "qkv", "dy"))
+    NH, V, (B, T, C) = inp["n_head"], inp["vocab_size"], x.shape
+
+    def linears():
+        dxs = []
+        for xi, wi, bi, di in inp["linear"]:
+            xl = leaf(xi)
+            y = torch.addmm(leaf(bi), xl.view(-1, xi.shape[-1]), leaf(wi))
+            y.backward(t(di).view(y.shape))
+            dxs.append(xl.grad)
+        return dxs
+
+    def gelu():  # fed its own output as the upstream gradient, as numpy_layers' GELU is
+        xl = leaf(x4)
+        y = F.gelu(xl, approximate="tanh")
+        y.backward(y.detach())
+        return xl.grad
+
+    def attention():
+        ql = leaf(qkv)
+        q, k, v = (a.view(B, T, NH, C // NH).transpose(1, 2) for a in ql.split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        y.backward(t(dy))
+        return ql.grad
+
+    def cross_entropy():
+        ll = leaf(inp["logits"])
+        loss = F.cross_entropy(ll, t(inp["targets"]))
+        loss.backward()
+        return loss, ll.grad
+
+    head, idx, dy_t = torch.zeros((V, C)), t(inp["idx"]), t(dy)
+
+    def embedding():
+        head.add_(torch.ops.aten.embedding_dense_backward(dy_t, idx, V, -1, False))
+        return head, dy_t.sum(0)
+
+    def layernorm():  # the weight and bias are leaves too: their gradients are part of the work
+        xl = leaf(x)
+        y = F.layer_norm(xl, (C,), leaf(w), leaf(b), 1e-5)
+        y.backward(y.detach())
+        return xl.grad
+
+    return {"linear": linears,
+            "gelu": gelu, "layernorm": layernorm,
+            "attention": attention, "cross_entropy": cross_entropy, "embedding": embedding}
+
+
+def cpu_ms_each(fns: dict, repeat: int, rest: float) -> dict:
+    """name -> the CPU ms of each of `repeat` calls of fns[name], in round order. Each is
+    run once first (warm-up); the rounds run them in alternating order (A B C, C B A, ...),
+    each call after `rest` s, so the forms of one layer see the same machine, and the
+    calls of one round ran next to each other (for `paired_ratio`)."""
+    for fn in fns.values():
+        fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(repeat):
+        for name in names if r % 2 == 0 else names[::-1]:
+            time.sleep(rest)
+            t0 = cpu_seconds()
+            fns[name]()
+            times[name].append((cpu_seconds() - t0) * 1e3)
+    return times
 
 
 def format_kernel_gains(result) -> str:
+    with_torch = any(r.get("torch_ms") for layers in result.values() for r in layers.values())
+    torch_head = f" {'torch':>8} {'vs torch':>9}" if with_torch else ""
     lines = ["one layer's forward+backward, CPU ms, one thread (best of repeats): plain "
-             "(layers.py), in-place (kernels.*_fast), the fast table's form (chunked / tiled)",
+             "(layers.py), in-place (kernels.*_fast), the fast table's form (chunked / tiled)"
+             + (", and PyTorch's (vs torch: the median of the rounds' table / torch ratios, lower "
+                "is faster for NumPy)" if with_torch else ""),
              f"{'size':7} {'layer':13} {'plain':>8} {'in-place':>9} {'table':>8} "
-             f"{'vs in-place':>11} {'vs plain':>9}"]
+             f"{'vs in-place':>11} {'vs plain':>9}" + torch_head]
     for name, layers in result.items():
         for layer, r in layers.items():
+            if layer == "fwd+bwd":  # layers_of_a_step
+                lines.append(f"{name:7} {'fwd+bwd':13} {'':8} {'':9} {r['numpy_ms']:8.2f} {'':11} "
+                             f"{'':9} {r['torch_ms']:8.2f} {r['vs_torch']:9.2f}")
+                continue
             inplace = r["inplace_ms"]
+            theirs = (f" {_fmt(r.get('torch_ms'))} {_fmt(r.get('vs_torch'), '9.2f')}"
+                      if with_torch else "")
             lines.append(f"{name:7} {layer:13} {r['plain_ms']:8.2f} "
                          + (f"{'-':>9} {r['table_ms']:8.2f} {'-':>11} " if inplace is None else
                             f"{inplace:9.2f} {r['table_ms']:8.2f} {inplace / r['table_ms']:10.2f}x ")
-                         + f"{r['plain_ms'] / r['table_ms']:8.2f}x")
-    lines.append("cross_entropy: the LM loss and its gradient on (B*T, V) logits (losses.cross_entropy, "
-                 "kernels.cross_entropy_chunked); embedding: its backward into the tied LM head's "
-                 "gradient (layers.embedding_backward, kernels.embedding_backward_rows)")
+                         + f"{r['plain_ms'] / r['table_ms']:8.2f}x" + theirs)
+    if with_torch:
+        lines.append("fwd+bwd: the layers of one forward+backward added up (each side's median "
+                     "times its count; not the LM head's product, the residual adds or the glue)")
+    lines.append("linear: the block's four (c_attn, attn.c_proj, c_fc, mlp.c_proj), one form in "
+                 "both tables; cross_entropy: the LM loss and its gradient on (B*T, V) logits "
+                 "(losses.cross_entropy, kernels.cross_entropy_chunked); embedding: its backward "
+                 "into the tied LM head's gradient (layers.embedding_backward, "
+                 "kernels.embedding_backward_rows)")
     return "\n".join(lines)
 
 
@@ -1341,7 +1466,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-layers", metavar="REV",
                         help="instead: time layers.py of git revision REV against the working tree")
     parser.add_argument("--kernels", action="store_true",
-                        help="instead: each fast kernel against its plain and in-place forms")
+                        help="instead: each fast kernel against its plain and in-place forms, "
+                             "and against PyTorch's (one thread)")
     parser.add_argument("--optimizer", action="store_true",
                         help="instead: the AdamW step and the gradient norm alone, whole arrays "
                              "against chunks in 1 and N threads, and PyTorch's")
@@ -1367,9 +1493,11 @@ def main(argv=None) -> int:
         print(json.dumps(malloc_child(*args.malloc_child, args.repeat)))
         return 0
     if args.malloc or args.kernels:  # one comparison instead of the benchmark
-        measure, report = ((malloc_comparison, format_malloc) if args.malloc
-                           else (kernel_gains, format_kernel_gains))
-        result = measure(args.sizes, args.repeat)
+        if args.malloc:
+            result, report = malloc_comparison(args.sizes, args.repeat), format_malloc
+        else:
+            torch = import_torch() if args.use_torch else None
+            result, report = kernel_gains(args.sizes, args.repeat, torch=torch), format_kernel_gains
         print(f"load average (1, 5, 15 min): {load_average()}")
         print(report(result))
         if args.json:

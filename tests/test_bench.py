@@ -252,14 +252,52 @@ def test_compare_layers_runs_each_side_through_its_own_kernel_table():
 
 
 def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
-    result = bench.kernel_gains(["tiny"], repeat=1, rest=0.0)["tiny"]
-    assert set(result) == {"gelu", "layernorm", "attention", "cross_entropy", "embedding"}
+    result = bench.kernel_gains(["tiny"], repeat=2, rest=0.0, torch=torch)["tiny"]
+    step = result.pop("fwd+bwd", None)
+    assert set(result) == {"linear", "gelu", "layernorm", "attention", "cross_entropy", "embedding"}
     for layer, r in result.items():
+        assert all(len(ts) == 2 for ts in r["rounds_ms"].values())
+        assert r["table_ms"] == min(r["rounds_ms"]["table_ms"])
         assert r["plain_ms"] > 0 and r["table_ms"] > 0
-        assert (r["inplace_ms"] is None) == (layer in ("cross_entropy", "embedding"))
+        assert (r["inplace_ms"] is None) == (layer in ("linear", "cross_entropy", "embedding"))
+        assert (r["torch_ms"] is None) == (torch is None)
+        if torch is not None:  # two rounds: the median of their two ratios is their mean
+            ours, theirs = r["rounds_ms"]["table_ms"], r["rounds_ms"]["torch_ms"]
+            assert r["vs_torch"] == pytest.approx((ours[0] / theirs[0] + ours[1] / theirs[1]) / 2)
+    assert result["linear"]["plain_ms"] == result["linear"]["table_ms"]  # one form, timed once
+    assert (step is None) == (torch is None)
+    if step is not None:  # tiny: 2 blocks; 5 LayerNorms (two a block and the final one)
+        median = lambda layer, side: np.median(result[layer]["rounds_ms"][f"{side}_ms"])  # noqa: E731
+        for side, key in (("table", "numpy_ms"), ("torch", "torch_ms")):
+            want = (2 * sum(median(n, side) for n in ("linear", "gelu", "attention"))
+                    + 5 * median("layernorm", side) + median("cross_entropy", side) + median("embedding", side))
+            assert step[key] == pytest.approx(want)
+        assert step["vs_torch"] == pytest.approx(step["numpy_ms"] / step["torch_ms"])
+        result["fwd+bwd"] = step
     report = bench.format_kernel_gains({"tiny": result})
     assert "attention" in report
     assert [line.split()[3] for line in report.splitlines() if " embedding " in line] == ["-"]
+    assert ("vs torch" in report) == (torch is not None)
+
+
+@pytest.mark.skipif(torch is None, reason="the reference is PyTorch (tests/requirements-reference.txt)")
+def test_the_kernel_table_times_the_same_work_in_pytorch_as_in_numpy():
+    """--kernels' torch column is only a comparison if each PyTorch layer computes what the
+    NumPy forms compute: the same gradients from the same inputs, layer by layer."""
+    inputs = bench.layer_inputs(bench.SIZES["tiny"])
+    ours, theirs = bench.numpy_layers(inputs), bench.torch_layers(torch, inputs)
+    for layer, (plain, inplace, table) in ours.items():
+        got, want = table(), theirs[layer]()
+        if layer == "linear":
+            pairs = zip(got, want)
+        elif layer == "cross_entropy":  # (loss, dlogits)
+            pairs = [(np.float32(got[0]), want[0].detach()), (got[1], want[1])]
+        elif layer == "embedding":  # (the head's gradient with the rows added, dwpe)
+            pairs = zip(got, want)
+        else:  # the gradient at the layer's input; the NumPy forms return it first
+            pairs = [(got[0], want)]
+        for g, w in pairs:
+            np.testing.assert_allclose(np.asarray(g), w.numpy(), rtol=1e-4, atol=1e-5, err_msg=layer)
 
 
 def test_optimizer_bench_times_every_form_of_the_step(tmp_path, restore_threads, capsys):
