@@ -270,7 +270,8 @@ def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
         median = lambda layer, side: np.median(result[layer]["rounds_ms"][f"{side}_ms"])  # noqa: E731
         for side, key in (("table", "numpy_ms"), ("torch", "torch_ms")):
             want = (2 * sum(median(n, side) for n in ("linear", "gelu", "attention"))
-                    + 5 * median("layernorm", side) + median("cross_entropy", side) + median("embedding", side))
+                    + 5 * median("layernorm", side)
+                    + median("cross_entropy", side) + median("embedding", side))
             assert step[key] == pytest.approx(want)
         assert step["vs_torch"] == pytest.approx(step["numpy_ms"] / step["torch_ms"])
         result["fwd+bwd"] = step
