@@ -820,7 +820,7 @@ def kernel_gains(sizes, repeat=7, rest=0.05, torch=None) -> dict:
     Also the block's four linear layers (one form, in both tables), the LM loss
     (cross-entropy and its gradient on the (B*T, V) logits) and the tied embedding's
     backward (its rows added into the LM head's gradient of wte), which have no in-place
-    form (None). With torch, "fwd+bwd" adds up the layers of a step (`layers_of_a_step`)."""
+    form (None). `step_against_layers` then puts the layers back into a step."""
     set_threads(1, torch)
     result = {}
     for name in sizes:
@@ -838,22 +838,113 @@ def kernel_gains(sizes, repeat=7, rest=0.05, torch=None) -> dict:
             r["rounds_ms"] = times
             if theirs:  # the median of the rounds' ratios: the two calls of a round ran side by side
                 r["vs_torch"] = paired_ratio(times["table_ms"], times["torch_ms"])
-        if theirs:
-            result[name]["fwd+bwd"] = layers_of_a_step(result[name], SIZES[name]["n_layer"])
     return result
 
 
-def layers_of_a_step(layers: dict, n_layer: int) -> dict:
-    """The layers of one forward+backward added up, each side's median times the number of
-    times a step runs it: per block the four linear layers, GELU, attention and two
-    LayerNorms, then the final LayerNorm, the LM loss and the embedding's backward. The LM
-    head's product, the residual adds and the glue between layers are not in it."""
-    runs = {"linear": n_layer, "gelu": n_layer, "attention": n_layer, "layernorm": 2 * n_layer + 1,
+# how often one forward+backward runs each layer of numpy_layers, for n_layer blocks: per
+# block the four linear layers, GELU, attention and two LayerNorms; then the final LayerNorm,
+# the LM loss and the embedding's backward
+def step_counts(n_layer: int) -> dict:
+    return {"linear": n_layer, "gelu": n_layer, "attention": n_layer, "layernorm": 2 * n_layer + 1,
             "cross_entropy": 1, "embedding": 1}
-    total = {side: sum(k * statistics.median(layers[layer]["rounds_ms"][f"{side}_ms"])
-                       for layer, k in runs.items()) for side in ("table", "torch")}
-    return {"numpy_ms": total["table"], "torch_ms": total["torch"],
-            "vs_torch": total["table"] / total["torch"]}
+
+
+# the kernel-table functions (KernelTable) each layer of numpy_layers stands for
+STEP_KERNELS = {"linear": ("linear_forward", "linear_backward"), "gelu": ("gelu_forward", "gelu_backward"),
+                "attention": ("attention_forward", "attention_backward"),
+                "layernorm": ("layernorm_forward", "layernorm_backward"),
+                "cross_entropy": ("cross_entropy",), "embedding": ("embedding_backward",)}
+
+
+def step_against_layers(name, rounds, torch=None, rest=None) -> dict:
+    """One forward+backward of the whole model against the same layers run alone, each
+    side, one thread, CPU time, paired by round.
+
+    "alone" runs each layer of `numpy_layers` (the fast table's form) or `torch_layers`
+    as often as a step does (`step_counts`), back to back on `layer_inputs`' arrays. In a
+    round: the NumPy step (its kernels timed inside it by `timed_table`), its layers
+    alone, PyTorch's step, its layers alone, each after a rest. step/alone above 1 is what
+    a step adds to its layers: the work between them (the LM head's product, the residual
+    adds, Python) and the cost of running them inside a step, where their arrays come from
+    other layers, not from the cache the same call warmed a moment before."""
+    spec = SIZES[name]
+    rest = REST_S if rest is None else rest
+    model, idx, targets = lm_batch(spec)
+    totals: dict[str, list] = {}
+    model.kernels = timed_table(model.kernels, totals)
+    inputs = layer_inputs(spec)
+    counts = step_counts(spec["n_layer"])
+
+    def numpy_step():
+        model(idx, targets)
+        model.backward()
+
+    sides = {"numpy": (numpy_step, {layer: forms[2] for layer, forms in numpy_layers(inputs).items()})}
+    if torch is not None:
+        tmodel, tidx, ttargets = TorchGPT(torch, model), torch.tensor(idx), torch.tensor(targets)
+        sides["torch"] = (lambda: tmodel.fwd_bwd(tidx, ttargets), torch_layers(torch, inputs))
+
+    def alone(layers):  # layer -> CPU s of its calls in one step's worth, back to back
+        out = {}
+        for layer, n in counts.items():
+            t0 = cpu_seconds()
+            for _ in range(n):
+                layers[layer]()
+            out[layer] = cpu_seconds() - t0
+        return out
+
+    for step, layers in sides.values():  # warm-up
+        step()
+        alone(layers)
+    rows = []
+    for _ in range(rounds):
+        row = {}
+        for side, (step, layers) in sides.items():
+            time.sleep(rest)
+            totals.clear()
+            t0 = cpu_seconds()
+            step()
+            row[f"{side}_step"] = cpu_seconds() - t0
+            if side == "numpy":  # wall time inside the step's kernel calls (one thread: ~CPU)
+                row["in_step"] = {layer: sum(totals[f][0] for f in fns if f in totals)
+                                  for layer, fns in STEP_KERNELS.items()}
+            time.sleep(rest)
+            row[f"{side}_alone"] = alone(layers)
+        rows.append(row)
+    median_ms = lambda f: statistics.median(f(r) for r in rows) * 1e3  # noqa: E731
+    ratio = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
+    out = {"rounds": rounds}
+    for side in sides:
+        out[side] = {"step_ms": median_ms(lambda r: r[f"{side}_step"]),
+                     "alone_ms": median_ms(lambda r: sum(r[f"{side}_alone"].values())),
+                     "step_vs_alone": ratio(lambda r: r[f"{side}_step"] / sum(r[f"{side}_alone"].values()))}
+    out["numpy"]["in_step_vs_alone"] = {layer: ratio(lambda r: r["in_step"][layer] / r["numpy_alone"][layer])
+                                        for layer in counts}
+    out["numpy"]["between_kernels_ms"] = median_ms(lambda r: r["numpy_step"] - sum(r["in_step"].values()))
+    if "torch" in sides:
+        out["step_vs_torch"] = ratio(lambda r: r["numpy_step"] / r["torch_step"])
+        out["alone_vs_torch"] = ratio(lambda r: sum(r["numpy_alone"].values()) / sum(r["torch_alone"].values()))
+    return out
+
+
+def format_step_against_layers(result: dict) -> str:
+    lines = ["a step against its layers run alone (as often as a step runs them, back to back), "
+             "one thread, CPU ms, medians; ratios: the median of the rounds' ratios",
+             f"{'size':7} {'np step':>9} {'np alone':>9} {'step/alone':>10} | {'tch step':>9} "
+             f"{'tch alone':>9} {'step/alone':>10} | {'step np/tch':>11} {'alone np/tch':>12}"]
+    for name, r in result.items():
+        n, t = r["numpy"], r.get("torch")
+        theirs = (f"{t['step_ms']:9.1f} {t['alone_ms']:9.1f} {t['step_vs_alone']:10.2f} | "
+                  f"{r['step_vs_torch']:11.2f} {r['alone_vs_torch']:12.2f}") if t else \
+            f"{'-':>9} {'-':>9} {'-':>10} | {'-':>11} {'-':>12}"
+        lines.append(f"{name:7} {n['step_ms']:9.1f} {n['alone_ms']:9.1f} {n['step_vs_alone']:10.2f} | " + theirs)
+    lines.append("NumPy, each kernel inside the step / the same kernel alone; and the step's time "
+                 "between its kernels (the LM head's product, residual adds, Python):")
+    for name, r in result.items():
+        n = r["numpy"]
+        lines.append(f"{name:7} " + "  ".join(f"{layer} {x:.2f}" for layer, x in n["in_step_vs_alone"].items())
+                     + f"  | between {n['between_kernels_ms']:.1f} ms")
+    return "\n".join(lines)
 
 
 def layer_inputs(spec, seed=0) -> dict:
@@ -1000,10 +1091,6 @@ def format_kernel_gains(result) -> str:
              f"{'vs in-place':>11} {'vs plain':>9}" + torch_head]
     for name, layers in result.items():
         for layer, r in layers.items():
-            if layer == "fwd+bwd":  # layers_of_a_step
-                lines.append(f"{name:7} {'fwd+bwd':13} {'':8} {'':9} {r['numpy_ms']:8.2f} {'':11} "
-                             f"{'':9} {r['torch_ms']:8.2f} {r['vs_torch']:9.2f}")
-                continue
             inplace = r["inplace_ms"]
             theirs = (f" {_fmt(r.get('torch_ms'))} {_fmt(r.get('vs_torch'), '9.2f')}"
                       if with_torch else "")
@@ -1011,9 +1098,6 @@ def format_kernel_gains(result) -> str:
                          + (f"{'-':>9} {r['table_ms']:8.2f} {'-':>11} " if inplace is None else
                             f"{inplace:9.2f} {r['table_ms']:8.2f} {inplace / r['table_ms']:10.2f}x ")
                          + f"{r['plain_ms'] / r['table_ms']:8.2f}x" + theirs)
-    if with_torch:
-        lines.append("fwd+bwd: the layers of one forward+backward added up (each side's median "
-                     "times its count; not the LM head's product, the residual adds or the glue)")
     lines.append("linear: the block's four (c_attn, attn.c_proj, c_fc, mlp.c_proj), one form in "
                  "both tables; cross_entropy: the LM loss and its gradient on (B*T, V) logits "
                  "(losses.cross_entropy, kernels.cross_entropy_chunked); embedding: its backward "
@@ -1467,7 +1551,8 @@ def main(argv=None) -> int:
                         help="instead: time layers.py of git revision REV against the working tree")
     parser.add_argument("--kernels", action="store_true",
                         help="instead: each fast kernel against its plain and in-place forms, "
-                             "and against PyTorch's (one thread)")
+                             "and against PyTorch's; then a step against its layers run alone "
+                             "(one thread)")
     parser.add_argument("--optimizer", action="store_true",
                         help="instead: the AdamW step and the gradient norm alone, whole arrays "
                              "against chunks in 1 and N threads, and PyTorch's")
@@ -1497,7 +1582,11 @@ def main(argv=None) -> int:
             result, report = malloc_comparison(args.sizes, args.repeat), format_malloc
         else:
             torch = import_torch() if args.use_torch else None
-            result, report = kernel_gains(args.sizes, args.repeat, torch=torch), format_kernel_gains
+            gains = kernel_gains(args.sizes, args.repeat, torch=torch)
+            steps = {n: step_against_layers(n, min(args.repeat, GPT2_REPEAT) if n == "gpt2" else args.repeat,
+                                            torch) for n in args.sizes}
+            result = {"layers": gains, "steps": steps}
+            report = lambda r: format_kernel_gains(r["layers"]) + "\n\n" + format_step_against_layers(r["steps"])  # noqa: E731
         print(f"load average (1, 5, 15 min): {load_average()}")
         print(report(result))
         if args.json:

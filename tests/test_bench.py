@@ -253,7 +253,6 @@ def test_compare_layers_runs_each_side_through_its_own_kernel_table():
 
 def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
     result = bench.kernel_gains(["tiny"], repeat=2, rest=0.0, torch=torch)["tiny"]
-    step = result.pop("fwd+bwd", None)
     assert set(result) == {"linear", "gelu", "layernorm", "attention", "cross_entropy", "embedding"}
     for layer, r in result.items():
         assert all(len(ts) == 2 for ts in r["rounds_ms"].values())
@@ -265,20 +264,40 @@ def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
             ours, theirs = r["rounds_ms"]["table_ms"], r["rounds_ms"]["torch_ms"]
             assert r["vs_torch"] == pytest.approx((ours[0] / theirs[0] + ours[1] / theirs[1]) / 2)
     assert result["linear"]["plain_ms"] == result["linear"]["table_ms"]  # one form, timed once
-    assert (step is None) == (torch is None)
-    if step is not None:  # tiny: 2 blocks; 5 LayerNorms (two a block and the final one)
-        median = lambda layer, side: np.median(result[layer]["rounds_ms"][f"{side}_ms"])  # noqa: E731
-        for side, key in (("table", "numpy_ms"), ("torch", "torch_ms")):
-            want = (2 * sum(median(n, side) for n in ("linear", "gelu", "attention"))
-                    + 5 * median("layernorm", side)
-                    + median("cross_entropy", side) + median("embedding", side))
-            assert step[key] == pytest.approx(want)
-        assert step["vs_torch"] == pytest.approx(step["numpy_ms"] / step["torch_ms"])
-        result["fwd+bwd"] = step
     report = bench.format_kernel_gains({"tiny": result})
     assert "attention" in report
     assert [line.split()[3] for line in report.splitlines() if " embedding " in line] == ["-"]
     assert ("vs torch" in report) == (torch is not None)
+
+
+def test_step_counts_are_how_often_a_step_runs_each_layer():
+    """step_against_layers runs each layer alone as often as a step does: count the kernel
+    calls of one real forward+backward (two blocks at tiny)."""
+    model, idx, targets = bench.lm_batch(bench.SIZES["tiny"])
+    totals = {}
+    model.kernels = bench.timed_table(model.kernels, totals)
+    model(idx, targets)
+    model.backward()
+    counts = bench.step_counts(model.config.n_layer)
+    assert counts["layernorm"] == 5 and counts["linear"] == 2
+    for layer, fns in bench.STEP_KERNELS.items():
+        per_run = 4 if layer == "linear" else 1  # numpy_layers' "linear" runs the block's four
+        assert [totals[f][1] for f in fns] == [counts[layer] * per_run] * len(fns), layer
+
+
+def test_step_against_layers_pairs_a_step_with_its_layers_alone(restore_threads):
+    r = bench.step_against_layers("tiny", rounds=1, torch=torch, rest=0.0)
+    n = r["numpy"]
+    assert n["step_ms"] > 0 and n["alone_ms"] > 0
+    assert n["step_vs_alone"] == pytest.approx(n["step_ms"] / n["alone_ms"])  # one round
+    assert set(n["in_step_vs_alone"]) == set(bench.step_counts(2))
+    assert 0 < n["step_ms"] - n["between_kernels_ms"] <= n["step_ms"]  # the kernels' share of the step
+    assert ("torch" in r) == (torch is not None)
+    if torch is not None:
+        assert r["step_vs_torch"] == pytest.approx(n["step_ms"] / r["torch"]["step_ms"])
+        assert r["alone_vs_torch"] == pytest.approx(n["alone_ms"] / r["torch"]["alone_ms"])
+    report = bench.format_step_against_layers({"tiny": r})
+    assert "layernorm" in report and "between" in report
 
 
 @pytest.mark.skipif(torch is None, reason="the reference is PyTorch (tests/requirements-reference.txt)")
