@@ -911,19 +911,21 @@ def step_against_layers(name, rounds, torch=None, rest=None) -> dict:
             time.sleep(rest)
             row[f"{side}_alone"] = alone(layers)
         rows.append(row)
-    median_ms = lambda f: statistics.median(f(r) for r in rows) * 1e3  # noqa: E731
-    ratio = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
+    def median(f):  # over the rounds; a ratio of two values of one round is a paired ratio
+        return statistics.median(f(r) for r in rows)
+
+    alone_s = lambda r, side: sum(r[f"{side}_alone"].values())  # noqa: E731
     out = {"rounds": rounds}
     for side in sides:
-        out[side] = {"step_ms": median_ms(lambda r: r[f"{side}_step"]),
-                     "alone_ms": median_ms(lambda r: sum(r[f"{side}_alone"].values())),
-                     "step_vs_alone": ratio(lambda r: r[f"{side}_step"] / sum(r[f"{side}_alone"].values()))}
-    out["numpy"]["in_step_vs_alone"] = {layer: ratio(lambda r: r["in_step"][layer] / r["numpy_alone"][layer])
+        out[side] = {"step_ms": 1e3 * median(lambda r: r[f"{side}_step"]),
+                     "alone_ms": 1e3 * median(lambda r: alone_s(r, side)),
+                     "step_vs_alone": median(lambda r: r[f"{side}_step"] / alone_s(r, side))}
+    out["numpy"]["in_step_vs_alone"] = {layer: median(lambda r: r["in_step"][layer] / r["numpy_alone"][layer])
                                         for layer in counts}
-    out["numpy"]["between_kernels_ms"] = median_ms(lambda r: r["numpy_step"] - sum(r["in_step"].values()))
+    out["numpy"]["between_kernels_ms"] = 1e3 * median(lambda r: r["numpy_step"] - sum(r["in_step"].values()))
     if "torch" in sides:
-        out["step_vs_torch"] = ratio(lambda r: r["numpy_step"] / r["torch_step"])
-        out["alone_vs_torch"] = ratio(lambda r: sum(r["numpy_alone"].values()) / sum(r["torch_alone"].values()))
+        out["step_vs_torch"] = median(lambda r: r["numpy_step"] / r["torch_step"])
+        out["alone_vs_torch"] = median(lambda r: alone_s(r, "numpy") / alone_s(r, "torch"))
     return out
 
 
@@ -937,13 +939,14 @@ def format_step_against_layers(result: dict) -> str:
         theirs = (f"{t['step_ms']:9.1f} {t['alone_ms']:9.1f} {t['step_vs_alone']:10.2f} | "
                   f"{r['step_vs_torch']:11.2f} {r['alone_vs_torch']:12.2f}") if t else \
             f"{'-':>9} {'-':>9} {'-':>10} | {'-':>11} {'-':>12}"
-        lines.append(f"{name:7} {n['step_ms']:9.1f} {n['alone_ms']:9.1f} {n['step_vs_alone']:10.2f} | " + theirs)
+        ours = f"{n['step_ms']:9.1f} {n['alone_ms']:9.1f} {n['step_vs_alone']:10.2f}"
+        lines.append(f"{name:7} {ours} | {theirs}")
     lines.append("NumPy, each kernel inside the step / the same kernel alone; and the step's time "
                  "between its kernels (the LM head's product, residual adds, Python):")
     for name, r in result.items():
         n = r["numpy"]
-        lines.append(f"{name:7} " + "  ".join(f"{layer} {x:.2f}" for layer, x in n["in_step_vs_alone"].items())
-                     + f"  | between {n['between_kernels_ms']:.1f} ms")
+        each = "  ".join(f"{layer} {x:.2f}" for layer, x in n["in_step_vs_alone"].items())
+        lines.append(f"{name:7} {each}  | between {n['between_kernels_ms']:.1f} ms")
     return "\n".join(lines)
 
 
@@ -1586,7 +1589,9 @@ def main(argv=None) -> int:
             steps = {n: step_against_layers(n, min(args.repeat, GPT2_REPEAT) if n == "gpt2" else args.repeat,
                                             torch) for n in args.sizes}
             result = {"layers": gains, "steps": steps}
-            report = lambda r: format_kernel_gains(r["layers"]) + "\n\n" + format_step_against_layers(r["steps"])  # noqa: E731
+
+            def report(r):
+                return format_kernel_gains(r["layers"]) + "\n\n" + format_step_against_layers(r["steps"])
         print(f"load average (1, 5, 15 min): {load_average()}")
         print(report(result))
         if args.json:
