@@ -865,8 +865,10 @@ def step_against_layers(name, rounds, torch=None, rest=None) -> dict:
     round: the NumPy step (its kernels timed inside it by `timed_table`), its layers
     alone, PyTorch's step, its layers alone, each after a rest. step/alone above 1 is what
     a step adds to its layers: the work between them (the LM head's product, the residual
-    adds, Python) and the cost of running them inside a step, where their arrays come from
-    other layers, not from the cache the same call warmed a moment before."""
+    adds, Python) and whatever running them inside a step costs over running them alone
+    (in_step_vs_alone; our reading: their arrays come from other layers, not from the
+    cache the same call warmed a moment before)."""
+    set_threads(1, torch)
     spec = SIZES[name]
     rest = REST_S if rest is None else rest
     model, idx, targets = lm_batch(spec)
@@ -911,6 +913,7 @@ def step_against_layers(name, rounds, torch=None, rest=None) -> dict:
             time.sleep(rest)
             row[f"{side}_alone"] = alone(layers)
         rows.append(row)
+
     def median(f):  # over the rounds; a ratio of two values of one round is a paired ratio
         return statistics.median(f(r) for r in rows)
 
