@@ -816,7 +816,7 @@ def kernel_gains(sizes, repeat=7, rest=0.05, torch=None) -> dict:
     shapes: the plain form (layers.py), the in-place form (kernels.*_fast), the table's
     form (chunked GELU and LayerNorm, tiled attention) and, with torch, the same layer in
     PyTorch (`torch_layers`); the forms of one layer are timed in alternating rounds
-    (`cpu_ms_each`), and "vs_torch" is the median of the rounds' table / torch ratios.
+    (`rested`), and "vs_torch" is the median of the rounds' table / torch ratios.
     Also the block's four linear layers (one form, in both tables), the LM loss
     (cross-entropy and its gradient on the (B*T, V) logits) and the tied embedding's
     backward (its rows added into the LM head's gradient of wte), which have no in-place
@@ -831,7 +831,8 @@ def kernel_gains(sizes, repeat=7, rest=0.05, torch=None) -> dict:
         for layer, (plain, inplace, table) in forms.items():
             fns = {"plain_ms": None if plain is table else plain, "inplace_ms": inplace,
                    "table_ms": table, "torch_ms": theirs.get(layer)}
-            times = cpu_ms_each({k: fn for k, fn in fns.items() if fn is not None}, repeat, rest)
+            runs = rested({k: fn for k, fn in fns.items() if fn is not None}, repeat, warmup=1, rest=rest)
+            times = {k: [t * 1e3 for t in ts] for k, ts in column(runs, "cpu").items()}  # CPU ms by round
             r = result[name][layer] = {k: min(times[k]) if k in times else None for k in fns}
             if plain is table:  # one form (linear): timed once, the same in both tables
                 r["plain_ms"] = r["table_ms"]
@@ -858,7 +859,7 @@ STEP_KERNELS = {"linear": ("linear_forward", "linear_backward"), "gelu": ("gelu_
 
 def step_against_layers(name, rounds, torch=None, rest=None) -> dict:
     """One forward+backward of the whole model against the same layers run alone, each
-    side, one thread, CPU time, paired by round.
+    side, one thread, CPU time, paired by round (`rounds`; gpt2: at most GPT2_REPEAT).
 
     "alone" runs each layer of `numpy_layers` (the fast table's form) or `torch_layers`
     as often as a step does (`step_counts`), back to back on `layer_inputs`' arrays. In a
@@ -870,6 +871,8 @@ def step_against_layers(name, rounds, torch=None, rest=None) -> dict:
     cache the same call warmed a moment before)."""
     set_threads(1, torch)
     spec = SIZES[name]
+    if name == "gpt2":
+        rounds = min(rounds, GPT2_REPEAT)
     rest = REST_S if rest is None else rest
     model, idx, targets = lm_batch(spec)
     totals: dict[str, list] = {}
@@ -1067,23 +1070,6 @@ def torch_layers(torch, inp) -> dict:
     return {"linear": linears,
             "gelu": gelu, "layernorm": layernorm,
             "attention": attention, "cross_entropy": cross_entropy, "embedding": embedding}
-
-
-def cpu_ms_each(fns: dict, repeat: int, rest: float) -> dict:
-    """name -> the CPU ms of each of `repeat` calls of fns[name], in round order. Each is
-    run once first (warm-up); the rounds run them in alternating order (A B C, C B A, ...),
-    each call after `rest` s, so the forms of one layer see the same machine, and the
-    calls of one round ran next to each other (for `paired_ratio`)."""
-    for fn in fns.values():
-        fn()
-    names, times = list(fns), {name: [] for name in fns}
-    for r in range(repeat):
-        for name in names if r % 2 == 0 else names[::-1]:
-            time.sleep(rest)
-            t0 = cpu_seconds()
-            fns[name]()
-            times[name].append((cpu_seconds() - t0) * 1e3)
-    return times
 
 
 def format_kernel_gains(result) -> str:
@@ -1589,8 +1575,7 @@ def main(argv=None) -> int:
         else:
             torch = import_torch() if args.use_torch else None
             gains = kernel_gains(args.sizes, args.repeat, torch=torch)
-            steps = {n: step_against_layers(n, min(args.repeat, GPT2_REPEAT) if n == "gpt2" else args.repeat,
-                                            torch) for n in args.sizes}
+            steps = {n: step_against_layers(n, args.repeat, torch) for n in args.sizes}
             result = {"layers": gains, "steps": steps}
 
             def report(r):
