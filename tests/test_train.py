@@ -499,6 +499,56 @@ def test_batch_threads_is_validated_and_keys_the_pretrained_cache():
         load_config(overrides=["finetune.batch_threads=0"], env=False)
 
 
+@pytest.mark.parametrize("strategy", ["full_finetune", "aux_lm"])
+def test_the_kernels_knob_picks_the_layer_functions_of_every_step(strategy, monkeypatch):
+    """finetune.kernels: "plain" runs layers.py's equations in every forward and backward of
+    the run (model.GPT's kernels), "fast" the chunked and tiled forms; the two runs agree to
+    float64 rounding."""
+    import dataclasses
+
+    from transferlab import kernels as K
+
+    calls = []
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    spy = dataclasses.replace(K.PLAIN, **{name: counted(fn) for name, fn in K.PLAIN.functions().items()})
+    monkeypatch.setitem(K.KERNELS, "plain", spy)
+
+    def run(kernels):
+        model = tiny(dropout=0.0)
+        result = train(model, target(), build_plan(strategy, 12, L, KNOBS), settings(kernels=kernels))
+        return model, result
+
+    fast, r_fast = run("fast")
+    assert fast.kernels is K.FAST and calls == []
+    plain, r_plain = run("plain")
+    assert plain.kernels is spy
+    # every step ran a forward and a backward of each layer through the plain table
+    assert calls.count("layernorm_backward") >= 12 * (2 * L + 1)
+    assert {"attention_forward", "gelu_backward", "cross_entropy"} <= set(calls)
+    for name, p in fast.params.items():
+        np.testing.assert_allclose(plain.params[name], p, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert [h["train_loss"] for h in r_plain.history] == pytest.approx(
+        [h["train_loss"] for h in r_fast.history], rel=1e-10)
+
+
+def test_the_kernels_knob_is_validated_and_keys_the_pretrained_cache():
+    from transferlab.config import ConfigError, load_config
+    from transferlab.runner import pretrain_key
+
+    base = load_config(env=False)
+    assert base.pretrain.kernels == base.finetune.kernels == "fast"
+    assert pretrain_key(load_config(overrides=["pretrain.kernels=plain"], env=False)) != pretrain_key(base)
+    assert pretrain_key(load_config(overrides=["finetune.kernels=plain"], env=False)) == pretrain_key(base)
+    with pytest.raises(ConfigError, match=r"finetune\.kernels must be one of plain, fast, got 'tiled'"):
+        load_config(overrides=["finetune.kernels=tiled"], env=False)
+
+
 def test_predict_gives_the_forward_outputs_and_keeps_no_activations():
     """Evaluation runs the backbone without caches for backward (a 256-example batch's would
     otherwise stay alive into the next batch) and gives exactly the forward's outputs."""

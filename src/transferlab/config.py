@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from .kernels import KERNELS
 from .knobs import Rule, check_value, knob, show
 from .lora import TARGETS as LORA_TARGETS
 from .model import GPTConfig
@@ -165,6 +166,10 @@ class TrainingConfig:
                                  "each (model.GPT's batch_threads); other values add the "
                                  "parts' gradients, so the numbers differ in float rounding",
                               ge=1)
+    kernels: str = knob("fast", "the layer functions every forward and backward runs "
+                                "(model.GPT's kernels): fast (the chunked and tiled forms) or "
+                                "plain (layers.py's equations); the numbers differ in float "
+                                "rounding", choices=tuple(KERNELS))
 
 
 def own_rate(config, strategy: str) -> float:

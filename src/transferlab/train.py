@@ -24,6 +24,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import strategies as S
+from .kernels import kernel_table
 from .losses import IGNORE_INDEX, log_softmax
 from .masks import count, lowest_trainable_depth
 from .optim import SGD, AdamW, clip_grad_norm
@@ -278,7 +279,7 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
 
     s: the run's training knobs, a config section (config.TrainingConfig: config.pretrain,
     config.finetune, or TrainingConfig(steps=..., ...) built by hand). s.batch_threads
-    becomes model.batch_threads.
+    becomes model.batch_threads, s.kernels model.kernels.
 
     Keeps the best parameters by the validation metric and restores them at the end.
     progress: an object with update(step, loss, lr) (see report.Progress) or None; when it
@@ -293,6 +294,8 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
     # every forward and backward of the run on s.batch_threads parts of the batch, one
     # thread each (1: whole); the model keeps the setting (docs/performance.md#batch-parts-in-threads)
     model.batch_threads = s.batch_threads
+    # and with s.kernels' layer functions: the fast forms, or layers.py's plain equations
+    model.kernels = kernel_table(s.kernels)
     order = BatchOrder(len(data.train), s.batch_size, seed)
     opt = make_optimizer(model, s)
     schedule = make_plan_schedule(plan, s, kind)
