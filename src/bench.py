@@ -13,7 +13,8 @@ For every named size it times, on one fixed batch:
   float32, `F.scaled_dot_product_attention`, and as many threads as NumPy's BLAS has.
   NumPy and PyTorch repetitions alternate (A B, B A, A B, ...) in one process, so both
   see the same machine load; each ratio is the median of the rounds' ratios
-  (`paired_ratio`), beside each side's median time;
+  (`paired_ratio`), beside each side's median time; a repetition of a step shorter than
+  MIN_SAMPLE_S runs it several times in a row and reports the time per call;
 - achieved GFLOP/s from an analytic count of matrix-multiply FLOPs (`step_flops`), as a
   fraction of this machine's float32 matmul peak: a large np.matmul timed as one more
   contender in the same interleaved loop;
@@ -33,6 +34,7 @@ import ctypes
 import functools
 import inspect
 import json
+import math
 import os
 import platform
 import resource
@@ -65,6 +67,10 @@ WARMUP = 2  # untimed steps before timing: first-touch page faults, BLAS buffers
 REST_S = 0.2  # pause before every timed call: an idle OpenBLAS worker spins ~0.1 s after
 # each call and slows whatever runs next on the other core (issue 15); resting first
 # lets it go to sleep, so no contender pays for the one that ran before it
+MIN_SAMPLE_S = 0.1  # a timed sample of the step tables is back-to-back calls lasting at
+# least this long (`rested(..., min_sample=)`): a call of a few ms right after the rest
+# mostly times the thread pools waking up, which a training run's back-to-back steps
+# never pay (tiny's PyTorch step: 15 ms alone, 7 ms a call eight in a row)
 QUIET_LOAD = 1.5  # a 1-minute load average above this before a run: not a quiet machine
 QUIET_OTHERS = 0.25  # other processes using more than this many cores during our timed
 # calls (from /proc/stat, our own CPU time subtracted): not a quiet machine
@@ -194,9 +200,15 @@ def timed_call(fn) -> dict:
     return {"wall": wall, "cpu": cpu, "others": others}
 
 
-def rested(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = None) -> dict:
+def rested(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = None,
+           min_sample: float = 0.0) -> dict:
     """name -> list of `repeat` timed_call records, the callables run alternately, each
     after a rest of `rest` seconds.
+
+    With `min_sample` > 0 each record times a callable `calls` times back to back, as many
+    as its last warmup call says fill `min_sample` seconds, and holds the times per call
+    (and `calls`): the steady state of calls that follow each other, as a training run's
+    steps do, with the thread pools' waking after the rest paid once per record.
 
     Repetition r runs the callables in order, r + 1 in reverse order (A B, B A, A B, ...):
     on a shared machine the load drifts, and alternating gives every contender the same
@@ -206,9 +218,14 @@ def rested(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = No
     time it takes the second core from whatever runs next (PyTorch measured 70 ms rested
     and 130 ms right after an OpenBLAS call at the small size).
     """
-    for _ in range(warmup):
-        for fn in fns.values():
+    last = {}
+    for _ in range(max(warmup, 1 if min_sample > 0 else 0)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
             fn()
+            last[name] = time.perf_counter() - t0
+    calls = {name: max(1, math.ceil(min_sample / last[name])) if min_sample > 0 else 1
+             for name in fns}
     rest = REST_S if rest is None else rest
     names = list(fns)
     runs = {name: [] for name in names}
@@ -216,8 +233,24 @@ def rested(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = No
         for name in names if r % 2 == 0 else names[::-1]:
             if rest > 0:
                 time.sleep(rest)
-            runs[name].append(timed_call(fns[name]))
+            runs[name].append(per_call(timed_call(repeated(fns[name], calls[name])), calls[name]))
     return runs
+
+
+def repeated(fn, n: int):
+    """fn called n times in a row (one call: fn itself)."""
+    if n == 1:
+        return fn
+
+    def run():
+        for _ in range(n):
+            fn()
+    return run
+
+
+def per_call(record: dict, n: int) -> dict:
+    """A timed_call record of n calls in a row -> the times of one call, and `calls` = n."""
+    return {**{k: (None if v is None else v / n) for k, v in record.items()}, "calls": n}
 
 
 def interleaved(fns: dict, repeat: int, warmup: int = WARMUP, rest: float | None = None) -> dict:
@@ -417,14 +450,15 @@ def bench_size(name, repeat, torch=None, spec=None, peak_n=1024, threads=1,
         fwd_bwd["torch"] = lambda: tmodel.fwd_bwd(tidx, ttargets)
         train["torch"] = torch_train
     for key, fns in (("fwd_bwd", fwd_bwd), ("train_step", train)):
-        runs = rested({**fns, "matmul_peak": peak_fn}, repeat, warmup)
+        runs = rested({**fns, "matmul_peak": peak_fn}, repeat, warmup, min_sample=MIN_SAMPLE_S)
         out[key] = _summarise(runs, flops, B * T, peak_flops)
     if one_thread and threads > 1:
         set_threads(1, torch)
         try:
             for key, fns in (("fwd_bwd", fwd_bwd), ("train_step", train)):
                 fns = {who: fn for who, fn in fns.items() if who != "numpy_threads"}
-                out[key]["one_thread"] = _summarise_cpu(rested(fns, repeat, warmup=1))
+                out[key]["one_thread"] = _summarise_cpu(rested(fns, repeat, warmup=1,
+                                                               min_sample=MIN_SAMPLE_S))
         finally:
             set_threads(threads, torch)
     elif one_thread:  # the run is already at one thread: its CPU times are the 1-thread ones
@@ -650,7 +684,7 @@ def bench_scaling(repeat, torch=None, base=SCALING_BASE, Ts=SCALING_T, batches=S
             tmodel = TorchGPT(torch, model)
             tidx, ttargets = torch.tensor(idx), torch.tensor(targets)
             fns["torch"] = lambda: tmodel.fwd_bwd(tidx, ttargets)
-        runs = rested(fns, repeat)
+        runs = rested(fns, repeat, min_sample=MIN_SAMPLE_S)
         times = column(runs)
         row = {"T": shape["T"], "batch": shape["B"], "numpy_ms": median_ms(times["numpy"]),
                "others_cpu": others_cores(runs)}
@@ -715,7 +749,8 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
             m(idx, y)
         opt.step(m.backward())
 
-    step_runs = rested({how: functools.partial(step, how) for how in models}, repeat)
+    step_runs = rested({how: functools.partial(step, how) for how in models}, repeat,
+                       min_sample=MIN_SAMPLE_S)
     times = column(step_runs)
     res = {f"{how}_ms": median_ms(ts) for how, ts in times.items()}
     # the optimizer alone: where a sparse or BitFit step differs from a full one
@@ -724,7 +759,7 @@ def bench_feature_cache(name, repeat, spec=None) -> dict:
         models[how](idx, y)
         grads[how] = models[how].backward()
     adamw_runs = rested({how: functools.partial(opts[how].step, g) for how, g in grads.items()},
-                        repeat)
+                        repeat, min_sample=MIN_SAMPLE_S)
     adamw = column(adamw_runs)
     res.update({f"{how}_adamw_ms": median_ms(ts) for how, ts in adamw.items()})
     res.update(
@@ -1385,7 +1420,9 @@ def format_report(result) -> str:
          "(these numbers are not the quiet-machine figures)"),
         f"method: {result['repeat']} timed repetitions per contender (gpt2: at most "
         f"{GPT2_REPEAT}), alternating order, a {result['rest_s']} s rest before every timed "
-        "call (OpenBLAS spin-wait); medians, and ratios as the median of each round's ratio",
+        "sample (OpenBLAS spin-wait), each sample as many calls in a row as fill "
+        f"{MIN_SAMPLE_S} s (times per call); medians, and ratios as the median of each "
+        "round's ratio",
         f"float32 matmul peak: a {result['peak_n']}^3 np.matmul as one more contender "
         f"(best seen {m['matmul_peak_gflops']:.1f} GFLOP/s; %peak is against it)",
         "",

@@ -147,6 +147,31 @@ def test_rested_alternates_the_order_and_rests_before_every_timed_call():
         assert len(rs) == 3 and all(r["wall"] >= 0 and r["cpu"] >= 0 for r in rs)
 
 
+def test_rested_times_back_to_back_calls_filling_min_sample(monkeypatch):
+    """With min_sample, a record times as many calls in a row as fill it (from the last
+    warmup call's time) and holds the time per call: a fake clock that each call of "a"
+    moves by 30 ms and each call of "b" by 150 ms."""
+    clock, count = [0.0], {"a": 0, "b": 0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def call(name, seconds):
+        def fn():
+            count[name] += 1
+            clock[0] += seconds
+        return fn
+
+    runs = bench.rested({"a": call("a", 0.03), "b": call("b", 0.15)}, 3, warmup=2, rest=0.0,
+                        min_sample=0.1)
+    assert [r["calls"] for r in runs["a"]] == [4] * 3  # ceil(0.1 / 0.03)
+    assert [r["calls"] for r in runs["b"]] == [1] * 3  # one call already fills 0.1 s
+    assert count == {"a": 2 + 3 * 4, "b": 2 + 3 * 1}
+    assert [r["wall"] for r in runs["a"]] == pytest.approx([0.03] * 3)
+    assert [r["wall"] for r in runs["b"]] == pytest.approx([0.15] * 3)
+    # without min_sample every record is one call
+    plain = bench.rested({"a": call("a", 0.03)}, 2, warmup=0, rest=0.0)
+    assert [r["calls"] for r in plain["a"]] == [1, 1]
+
+
 def test_quiet_verdict_names_the_reason():
     assert bench.quiet_verdict([0.2, 0.3, 0.4], 0.05) == (True, "quiet")
     quiet, why = bench.quiet_verdict([3.1, 2.0, 1.0], 1.4)
