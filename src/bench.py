@@ -476,6 +476,7 @@ def _summarise_cpu(runs) -> dict:
     for who in runs:
         res[f"{who}_cpu_ms"] = median_ms(cpu[who])
         res[f"{who}_ms"] = median_ms(wall[who])
+        res[f"{who}_calls"] = runs[who][0].get("calls", 1)
     if "torch" in runs:
         res["ratio_cpu"] = paired_ratio(cpu["numpy"], cpu["torch"])
         res["ratio"] = paired_ratio(wall["numpy"], wall["torch"])
@@ -519,6 +520,7 @@ def _summarise(runs, flops, tokens, peak_flops) -> dict:
             f"{who}_others_cpu": others_cores({who: rs}),
             f"{who}_tokens_per_s": tokens / (ms / 1e3),
             f"{who}_gflops": gflops,
+            f"{who}_calls": rs[0].get("calls", 1),  # calls in a row per repetition (rested)
         })
     if "torch_ms" in res:
         # numpy time / torch time: the median of the rounds' ratios (paired_ratio)

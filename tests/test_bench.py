@@ -52,6 +52,7 @@ def test_benchmark_smoke_json(tmp_path, restore_threads):
                     "numpy_cpu_ms", "numpy_cpu_use"):
             assert math.isfinite(s[key]) and s[key] > 0, (step, key, s[key])
         assert s["numpy_others_cpu"] is None or s["numpy_others_cpu"] >= 0
+        assert isinstance(s["numpy_calls"], int) and s["numpy_calls"] >= 1  # calls in a row
         assert 0 < s["peak_gflops"] <= s["peak_gflops_best"]
         assert s["numpy_peak_fraction"] < 2  # a fraction of a peak, not a unit mix-up
         # against the run's best matmul, one denominator for every row
