@@ -159,6 +159,22 @@ def test_gelu_chunked_equals_plain(dtype, small_chunks):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_chunked_gelu_keeps_only_its_input_and_equals_the_in_place_form_bit_for_bit(dtype, small_chunks):
+    """The chunked GELU keeps x alone for backward (no (..., D) tanh alive in between) and
+    recomputes the tanh with the forward's own operations: the in-place form's numbers,
+    bit for bit, which keeps th."""
+    r = np.random.default_rng(11)
+    x = (3 * r.standard_normal((2, 9, 16))).astype(dtype)
+    dout = r.standard_normal(x.shape).astype(dtype)
+    out, cache = K.gelu_forward_chunked(x)
+    assert len(cache) == 1 and cache[0] is x
+    ref, ref_cache = K.gelu_forward_fast(x)
+    assert len(ref_cache) == 2  # x and th
+    assert np.array_equal(out, ref)
+    assert np.array_equal(K.gelu_backward_chunked(dout, cache)[0], K.gelu_backward_fast(dout, ref_cache)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_layernorm_chunked_equals_plain(dtype, small_chunks):
     r = np.random.default_rng(11)
     x, dout = (r.standard_normal((2, 2, 7, 16)) * 3 + 1).astype(dtype)

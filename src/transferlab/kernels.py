@@ -272,34 +272,44 @@ def gelu_backward_fast(dout, cache):
     return (dx,)
 
 
+def _gelu_tanh_into(x, t):
+    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the tanh of gelu_forward_fast, in t's buffer."""
+    np.multiply(x, x, out=t)  # x^2
+    t *= 0.044715
+    t += 1.0
+    t *= x  # x + 0.044715 x^3
+    t *= GELU_COEF
+    np.tanh(t, out=t)
+    return t
+
+
 def gelu_forward_chunked(x):
-    """gelu_forward_fast, a chunk of rows at a time (row_chunks)."""
+    """gelu_forward_fast, a chunk of rows at a time (row_chunks). Keeps only x for
+    backward, which recomputes the tanh chunk by chunk (as llm.c and PyTorch do): one
+    (N, D) array less alive from forward to backward."""
     x2 = _rows(x)  # (N, D)
-    th = np.empty_like(x2)  # (N, D)
     out = np.empty_like(x2)  # (N, D)
     for rows in row_chunks(x2.shape[0], x2.shape[1] * x.itemsize):
-        xs, t, o = x2[rows], th[rows], out[rows]
-        np.multiply(xs, xs, out=t)  # x^2
-        t *= 0.044715
-        t += 1.0
-        t *= xs  # x + 0.044715 x^3
-        t *= GELU_COEF
-        np.tanh(t, out=t)
-        np.add(t, 1.0, out=o)
+        xs, o = x2[rows], out[rows]
+        _gelu_tanh_into(xs, o)  # th, in out's chunk
+        o += 1.0
         o *= xs
-        o *= 0.5
-    return out.reshape(x.shape), (x, th.reshape(x.shape))
+        o *= 0.5  # 0.5 x (1 + th)
+    return out.reshape(x.shape), (x,)
 
 
 def gelu_backward_chunked(dout, cache):
-    """gelu_backward_fast, a chunk of rows at a time (row_chunks)."""
-    x, th = cache
-    x2, th2, dout2 = _rows(x), _rows(th), _rows(dout)  # (N, D)
+    """gelu_backward_fast, a chunk of rows at a time (row_chunks), the tanh recomputed from
+    x in a chunk-sized scratch (the same operations as the forward, so the same numbers)."""
+    (x,) = cache
+    x2, dout2 = _rows(x), _rows(dout)  # (N, D)
     dx = np.empty_like(x2)  # (N, D)
-    sech2 = np.empty((min(x2.shape[0], max(1, CHUNK_BYTES // (x2.shape[1] * x.itemsize))),
-                      x2.shape[1]), dtype=x.dtype)  # one chunk's scratch, reused
+    n = min(x2.shape[0], max(1, CHUNK_BYTES // (x2.shape[1] * x.itemsize)))
+    th, sech2 = np.empty((2, n, x2.shape[1]), dtype=x.dtype)  # one chunk's scratch each, reused
     for rows in row_chunks(x2.shape[0], x2.shape[1] * x.itemsize):
-        xs, t, d, s = x2[rows], th2[rows], dx[rows], sech2[: rows.stop - rows.start]
+        m = rows.stop - rows.start
+        xs, d, t, s = x2[rows], dx[rows], th[:m], sech2[:m]
+        _gelu_tanh_into(xs, t)
         np.multiply(xs, xs, out=d)  # x^2
         d *= 3.0 * 0.044715
         d += 1.0
