@@ -239,15 +239,22 @@ def layernorm_backward_chunked(dout, cache):
 # GELU: equals layers.gelu_forward / layers.gelu_backward
 
 
+def _gelu_tanh_into(x, t):
+    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the tanh of the GELU, in t's buffer
+    (x (1 + 0.044715 x^2): the cube from products, never x ** 3)."""
+    np.multiply(x, x, out=t)  # x^2
+    t *= 0.044715
+    t += 1.0
+    t *= x  # x + 0.044715 x^3
+    t *= GELU_COEF
+    np.tanh(t, out=t)
+    return t
+
+
 def gelu_forward_fast(x):
     """layers.gelu_forward in two buffers: written as one expression, the formula makes six
     temporaries of x's size."""
-    th = x * x  # (..., D)  x^2
-    th *= 0.044715
-    th += 1.0
-    th *= x  # x + 0.044715 x^3, as x (1 + 0.044715 x^2)
-    th *= GELU_COEF  # the tanh's argument
-    np.tanh(th, out=th)  # (..., D)
+    th = _gelu_tanh_into(x, np.empty_like(x))  # (..., D)
     out = th + 1.0  # (..., D)
     out *= x
     out *= 0.5
@@ -272,17 +279,6 @@ def gelu_backward_fast(dout, cache):
     return (dx,)
 
 
-def _gelu_tanh_into(x, t):
-    """t = tanh(sqrt(2/pi) (x + 0.044715 x^3)), the tanh of gelu_forward_fast, in t's buffer."""
-    np.multiply(x, x, out=t)  # x^2
-    t *= 0.044715
-    t += 1.0
-    t *= x  # x + 0.044715 x^3
-    t *= GELU_COEF
-    np.tanh(t, out=t)
-    return t
-
-
 def gelu_forward_chunked(x):
     """gelu_forward_fast, a chunk of rows at a time (row_chunks). Keeps only x for
     backward, which recomputes the tanh chunk by chunk (as llm.c and PyTorch do): one
@@ -304,9 +300,10 @@ def gelu_backward_chunked(dout, cache):
     (x,) = cache
     x2, dout2 = _rows(x), _rows(dout)  # (N, D)
     dx = np.empty_like(x2)  # (N, D)
-    n = min(x2.shape[0], max(1, CHUNK_BYTES // (x2.shape[1] * x.itemsize)))
+    chunks = row_chunks(x2.shape[0], x2.shape[1] * x.itemsize)
+    n = max((c.stop - c.start for c in chunks), default=0)  # rows of the largest chunk
     th, sech2 = np.empty((2, n, x2.shape[1]), dtype=x.dtype)  # one chunk's scratch each, reused
-    for rows in row_chunks(x2.shape[0], x2.shape[1] * x.itemsize):
+    for rows in chunks:
         m = rows.stop - rows.start
         xs, d, t, s = x2[rows], dx[rows], th[:m], sech2[:m]
         _gelu_tanh_into(xs, t)
