@@ -35,6 +35,7 @@ import functools
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import platform
 import resource
@@ -59,6 +60,7 @@ SIZES = {
     "gpt2": dict(vocab_size=50257, block_size=256, n_layer=12, n_head=12, n_embd=768, batch=4),
 }
 GPT2_REPEAT = 3
+PARTS = ("threads", "procs")  # the batch-parts contenders: GPT's batch_threads, batch_processes
 FEATURE_CACHE_SIZES = ("tiny", "small", "medium")  # the head-only comparison skips gpt2
 SCALING_BASE = "small"  # step time against T and against batch, other sizes fixed
 SCALING_T = (32, 64, 128)
@@ -170,10 +172,25 @@ def matmul_peak(n: int = 1024):
 
 def cpu_seconds() -> float:
     """CPU time (user + system) this process has used so far, summed over all its threads
-    (OpenBLAS's workers and torch's intra-op pool included). time.process_time reads the
-    process CPU clock to the nanosecond; os.times counts 10 ms clock ticks, too coarse for
-    a 10 ms step."""
-    return time.process_time()
+    (OpenBLAS's workers and torch's intra-op pool included), plus that of its live worker
+    processes (GPT's batch_processes). time.process_time reads the process CPU clock to the
+    nanosecond; os.times counts 10 ms clock ticks, too coarse for a 10 ms step."""
+    return time.process_time() + workers_cpu_seconds()
+
+
+def workers_cpu_seconds() -> float:
+    """CPU time the live child processes multiprocessing started have used so far
+    (/proc/PID/stat's utime and stime, clock ticks; 0 off Linux). Without it, the worker's
+    half of a batch_processes step would count as another process keeping the machine busy."""
+    total = 0
+    for child in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy_seconds() -> float | None:
@@ -419,13 +436,13 @@ def bench_size(name, repeat, torch=None, spec=None, peak_n=1024, threads=1,
     def np_train():
         opt.step(np_fwd_bwd())
 
-    def in_parts(fn, n):  # the same model, the whole step on n batch parts in n threads
-        def run():
-            model.batch_threads = n
+    def in_parts(fn, n, where="batch_threads"):  # the same model, the whole step on n
+        def run():  # batch parts in n threads (or processes: where="batch_processes")
+            setattr(model, where, n)
             try:
                 return fn()
             finally:
-                model.batch_threads = 1
+                setattr(model, where, 1)
         return run
 
     fwd_bwd = {"numpy": np_fwd_bwd}
@@ -433,6 +450,9 @@ def bench_size(name, repeat, torch=None, spec=None, peak_n=1024, threads=1,
     if threads > 1:  # GPT(..., batch_threads=threads): the explicit switch, timed beside
         fwd_bwd["numpy_threads"] = in_parts(np_fwd_bwd, threads)
         train["numpy_threads"] = in_parts(np_train, threads)
+        # GPT(..., batch_processes=threads): the parts in worker processes (workers.py)
+        fwd_bwd["numpy_procs"] = in_parts(np_fwd_bwd, threads, "batch_processes")
+        train["numpy_procs"] = in_parts(np_train, threads, "batch_processes")
     if torch is not None:
         tmodel = TorchGPT(torch, model)
         tidx, ttargets = torch.tensor(idx), torch.tensor(targets)
@@ -456,7 +476,7 @@ def bench_size(name, repeat, torch=None, spec=None, peak_n=1024, threads=1,
         set_threads(1, torch)
         try:
             for key, fns in (("fwd_bwd", fwd_bwd), ("train_step", train)):
-                fns = {who: fn for who, fn in fns.items() if who != "numpy_threads"}
+                fns = {who: fn for who, fn in fns.items() if who in ("numpy", "torch")}
                 out[key]["one_thread"] = _summarise_cpu(rested(fns, repeat, warmup=1,
                                                                min_sample=MIN_SAMPLE_S))
         finally:
@@ -491,7 +511,7 @@ def add_peak_fractions(sizes: dict) -> float:
     steps = [r[k] for r in sizes.values() for k in ("fwd_bwd", "train_step")]
     peak = max(step["peak_gflops_best"] for step in steps)
     for step in steps:
-        for who in ("numpy", "numpy_threads", "torch"):
+        for who in ("numpy", *(f"numpy_{parts}" for parts in PARTS), "torch"):
             if f"{who}_gflops" in step:
                 step[f"{who}_peak_fraction"] = step[f"{who}_gflops"] / peak
     return peak
@@ -528,9 +548,10 @@ def _summarise(runs, flops, tokens, peak_flops) -> dict:
         res["ratio_of_medians"] = res["numpy_ms"] / res["torch_ms"]
         res["ratio_best"] = res["numpy_ms_best"] / res["torch_ms_best"]  # the fastest of each
         res["ratio_cpu"] = paired_ratio(cpu["numpy"], cpu["torch"])
-        if "numpy_threads_ms" in res:
-            res["ratio_threads"] = paired_ratio(wall["numpy_threads"], wall["torch"])
-            res["ratio_threads_best"] = res["numpy_threads_ms_best"] / res["torch_ms_best"]
+        for parts in PARTS:
+            if f"numpy_{parts}_ms" in res:
+                res[f"ratio_{parts}"] = paired_ratio(wall[f"numpy_{parts}"], wall["torch"])
+                res[f"ratio_{parts}_best"] = res[f"numpy_{parts}_ms_best"] / res["torch_ms_best"]
     return res
 
 
@@ -538,10 +559,10 @@ def _summarise(runs, flops, tokens, peak_flops) -> dict:
 # peak memory of a training step, each side in a fresh process
 
 
-def _rss_mb(field: str) -> float | None:
-    """A field of /proc/self/status (VmRSS: now, VmHWM: the peak so far) in MB."""
+def _rss_mb(field: str, pid="self") -> float | None:
+    """A field of /proc/PID/status (VmRSS: now, VmHWM: the peak so far) in MB."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) / 2**10
@@ -560,8 +581,9 @@ def rss_child(name: str, side: str, threads: int) -> dict:
     torch = import_torch() if side == "torch" else None
     set_threads(threads, torch)
     model, idx, targets = lm_batch(spec)
-    if side in ("numpy", "numpy_threads"):
+    if side.startswith("numpy"):
         model.batch_threads = threads if side == "numpy_threads" else 1
+        model.batch_processes = threads if side == "numpy_procs" else 1
         opt = make_adamw(model.params)
 
         def step():
@@ -582,8 +604,13 @@ def rss_child(name: str, side: str, threads: int) -> dict:
     # exec carries over the parent's peak (Linux copies it at exec), so a child of a
     # benchmark that imported torch would report at least the parent's RSS
     peak = _rss_mb("VmHWM")
-    return {"side": side, "size": name, "rss_before_step_mb": before,
-            "peak_rss_mb": max_rss_mb() if peak is None else peak}
+    out = {"side": side, "size": name, "rss_before_step_mb": before,
+           "peak_rss_mb": max_rss_mb() if peak is None else peak}
+    if side == "numpy_procs":  # and the worker processes' peaks (the shared block counted
+        workers = model._workers  # in each process that touched it)
+        out["peak_rss_mb"] += sum(_rss_mb("VmHWM", proc.pid) for proc in workers.procs)
+        out["shared_mb"] = workers.shm.size / 2**20
+    return out
 
 
 def run_child(args: list[str], what: str) -> dict:
@@ -598,18 +625,24 @@ def run_child(args: list[str], what: str) -> dict:
 def peak_rss(name: str, threads: int, use_torch: bool) -> dict:
     """Peak RSS (MB) of a training step for each side, each in a fresh subprocess
     (`rss_child`): numpy_mb, torch_mb, ratio; the RSS before the step beside each; with
-    threads > 1 also numpy_threads_mb, the step with GPT(..., batch_threads=threads)."""
+    threads > 1 also numpy_threads_mb and numpy_procs_mb, the step with
+    GPT(..., batch_threads=threads) and with batch_processes=threads (the sum of every
+    process's peak, and numpy_procs_shared_mb, the shared block each of them counts)."""
     res = {}
-    sides = ["numpy"] + (["numpy_threads"] if threads > 1 else []) + (["torch"] if use_torch else [])
+    sides = (["numpy"] + [f"numpy_{parts}" for parts in PARTS if threads > 1]
+             + (["torch"] if use_torch else []))
     for side in sides:
         child = run_child(["--rss-child", name, side, "--threads", str(threads)],
                           f"{side} peak-RSS for {name}")
         res[f"{side}_mb"] = child["peak_rss_mb"]
         res[f"{side}_before_step_mb"] = child["rss_before_step_mb"]
+        if "shared_mb" in child:
+            res[f"{side}_shared_mb"] = child["shared_mb"]
     if use_torch:
         res["ratio"] = res["numpy_mb"] / res["torch_mb"]
-        if "numpy_threads_mb" in res:
-            res["ratio_threads"] = res["numpy_threads_mb"] / res["torch_mb"]
+        for parts in PARTS:
+            if f"numpy_{parts}_mb" in res:
+                res[f"ratio_{parts}"] = res[f"numpy_{parts}_mb"] / res["torch_mb"]
     return res
 
 
@@ -1376,11 +1409,13 @@ def quiet_verdict(load_before, others, busy=()) -> tuple[bool, str]:
 
 
 def others_by_row(sizes: dict) -> dict:
-    """'size step' (and 'size step batch/N') -> cores other processes used in that row."""
+    """'size step' (and 'size step batch/N', 'size step procs/N') -> cores other processes
+    used in that row."""
     rows = {}
     for name, r in sizes.items():
         for key, label in (("fwd_bwd", "fwd+bwd"), ("train_step", "train step")):
-            for field, suffix in (("numpy_others_cpu", ""), ("numpy_threads_others_cpu", " batch/N")):
+            for field, suffix in (("numpy_others_cpu", ""), ("numpy_threads_others_cpu", " batch/N"),
+                                  ("numpy_procs_others_cpu", " procs/N")):
                 if r[key].get(field) is not None:
                     rows[f"{name} {label}{suffix}"] = r[key][field]
     return rows
@@ -1431,7 +1466,8 @@ def format_report(result) -> str:
         f"{th['requested']} thread(s): wall ms | 1 thread: CPU ms | CPU use in cores during "
         "the timed calls: numpy, torch, other processes",
         f"batch/N rows: the same NumPy model with GPT(..., batch_threads=N), the whole step on N "
-        "parts of the batch in N threads (BLAS at 1 thread each)",
+        "parts of the batch in N threads (BLAS at 1 thread each); procs/N: with "
+        "GPT(..., batch_processes=N), the parts in N processes (CPU use: all of them)",
         f"{'size':7} {'step':10} {'numpy ms':>9} {'torch ms':>9} {'np/torch':>8} {'best':>6} | "
         f"{'np cpu':>8} {'tch cpu':>8} {'np/torch':>8} | {'np':>4} {'torch':>5} {'others':>6} | "
         f"{'GFLOP/s':>7} {'%peak':>6}",
@@ -1448,15 +1484,18 @@ def format_report(result) -> str:
                 f"{_fmt(s.get('torch_cpu_use'), '5.2f')} {_fmt(s.get('numpy_others_cpu'), '6.2f')} | "
                 f"{s['numpy_gflops']:7.1f} {100 * s['numpy_peak_fraction']:5.1f}%"
                 + _busy(s.get('numpy_others_cpu')))
-            if "numpy_threads_ms" in s:
+            for parts, row in zip(PARTS, ("batch/", "procs/")):
+                if f"numpy_{parts}_ms" not in s:
+                    continue
+                n = f"numpy_{parts}"
                 lines.append(
-                    f"{'':7} {'  batch/' + str(th['requested']):10} {s['numpy_threads_ms']:9.1f} "
-                    f"{'':9} {_fmt(s.get('ratio_threads'), '8.2f')} "
-                    f"{_fmt(s.get('ratio_threads_best'), '6.2f')} | {'':8} {'':8} {'':8} | "
-                    f"{s['numpy_threads_cpu_use']:4.2f} {'':5} "
-                    f"{_fmt(s.get('numpy_threads_others_cpu'), '6.2f')} | "
-                    f"{s['numpy_threads_gflops']:7.1f} {100 * s['numpy_threads_peak_fraction']:5.1f}%"
-                    + _busy(s.get('numpy_threads_others_cpu')))
+                    f"{'':7} {'  ' + row + str(th['requested']):10} {s[n + '_ms']:9.1f} "
+                    f"{'':9} {_fmt(s.get('ratio_' + parts), '8.2f')} "
+                    f"{_fmt(s.get('ratio_' + parts + '_best'), '6.2f')} | {'':8} {'':8} {'':8} | "
+                    f"{s[n + '_cpu_use']:4.2f} {'':5} "
+                    f"{_fmt(s.get(n + '_others_cpu'), '6.2f')} | "
+                    f"{s[n + '_gflops']:7.1f} {100 * s[n + '_peak_fraction']:5.1f}%"
+                    + _busy(s.get(n + '_others_cpu')))
         if "loss_torch" in r:
             lines.append(f"{'':7} same weights, same batch: loss numpy {r['loss_numpy']:.6f}, "
                          f"torch {r['loss_torch']:.6f}; load (1 min) {r['load_before'][0]} -> "
@@ -1465,14 +1504,19 @@ def format_report(result) -> str:
         lines += ["", "peak RSS of a training step (fresh process per side, VmHWM; "
                   "weights shared, so counted once on both sides):",
                   f"{'size':7} {'numpy MB':>9} {'torch MB':>9} {'np/torch':>8} "
-                  f"{'np setup':>9} {'tch setup':>9} {'batch/N MB':>10} {'np/torch':>8}"]
+                  f"{'np setup':>9} {'tch setup':>9} {'batch/N MB':>10} {'np/torch':>8} "
+                  f"{'procs/N MB':>10} {'np/torch':>8} {'shared':>7}"]
         for name, r in result["peak_rss"].items():
             lines.append(f"{name:7} {r['numpy_mb']:9.0f} {_fmt(r.get('torch_mb'), '9.0f')} "
                          f"{_fmt(r.get('ratio'), '8.2f')} {r['numpy_before_step_mb']:9.0f} "
                          f"{_fmt(r.get('torch_before_step_mb'), '9.0f')} "
-                         f"{_fmt(r.get('numpy_threads_mb'), '10.0f')} {_fmt(r.get('ratio_threads'), '8.2f')}")
+                         f"{_fmt(r.get('numpy_threads_mb'), '10.0f')} {_fmt(r.get('ratio_threads'), '8.2f')} "
+                         f"{_fmt(r.get('numpy_procs_mb'), '10.0f')} {_fmt(r.get('ratio_procs'), '8.2f')} "
+                         f"{_fmt(r.get('numpy_procs_shared_mb'), '7.0f')}")
         lines.append("setup: RSS before the first step (imports, weights, optimizer state); "
-                     "batch/N: the step with GPT(..., batch_threads=N)")
+                     "batch/N: the step with GPT(..., batch_threads=N); procs/N: with "
+                     "batch_processes=N, every process's peak added up, so the shared block "
+                     "(weights and the workers' gradients, MB under shared) counts once per process")
     if "scaling" in result:
         sc = result["scaling"]
         lines += ["", f"scaling, fwd+bwd, base size {sc['base']}:",

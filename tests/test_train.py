@@ -486,6 +486,25 @@ def test_batch_threads_runs_each_step_in_parts_with_the_whole_batch_numbers(stra
     assert all(np.array_equal(split_b.params[n], split_a.params[n]) for n in split_a.params)
 
 
+@pytest.mark.parametrize("strategy", ["full_finetune", "aux_lm"])
+def test_batch_processes_runs_the_batch_threads_numbers_bit_for_bit(strategy):
+    """finetune.batch_processes: 2 runs the second part of every step in a worker process
+    (workers.py) on the same operations as a thread would: the run, its history and its
+    weights equal finetune.batch_threads: 2's exactly."""
+    def run(**knobs):
+        model = tiny(dropout=0.0)
+        result = train(model, target(), build_plan(strategy, 12, L, KNOBS), settings(**knobs))
+        return model, result
+
+    threads, r1 = run(batch_threads=2)
+    procs, r2 = run(batch_processes=2)
+    assert procs.batch_processes == 2 and procs._workers is not None and procs._workers.alive
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in r2.history] == \
+        [{k: v for k, v in h.items() if k != "seconds"} for h in r1.history]
+    for name, p in threads.params.items():
+        np.testing.assert_array_equal(procs.params[name], p, err_msg=name)
+
+
 def test_batch_threads_is_validated_and_keys_the_pretrained_cache():
     from transferlab.config import ConfigError, load_config
     from transferlab.runner import pretrain_key
@@ -497,6 +516,11 @@ def test_batch_threads_is_validated_and_keys_the_pretrained_cache():
     assert pretrain_key(load_config(overrides=["finetune.batch_threads=2"], env=False)) == pretrain_key(base)
     with pytest.raises(ConfigError, match=r"finetune\.batch_threads must be >= 1, got 0"):
         load_config(overrides=["finetune.batch_threads=0"], env=False)
+    procs = load_config(overrides=["pretrain.batch_processes=2"], env=False)
+    assert pretrain_key(procs) not in (pretrain_key(base), pretrain_key(two))
+    with pytest.raises(ConfigError, match=r"^--set: finetune\.batch_processes must be 1 while "
+                                          r"finetune\.batch_threads is above 1 .*, got 2$"):
+        load_config(overrides=["finetune.batch_threads=2", "finetune.batch_processes=2"], env=False)
 
 
 @pytest.mark.parametrize("strategy", ["full_finetune", "aux_lm"])

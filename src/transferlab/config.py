@@ -166,6 +166,10 @@ class TrainingConfig:
                                  "each (model.GPT's batch_threads); other values add the "
                                  "parts' gradients, so the numbers differ in float rounding",
                               ge=1)
+    batch_processes: int = knob(1, "or on this many parts, one process each (model.GPT's "
+                                   "batch_processes: the first part in the training "
+                                   "process, the others in worker processes); the numbers "
+                                   "equal batch_threads' bit for bit", ge=1)
     kernels: str = knob("fast", "the layer functions every forward and backward runs "
                                 "(model.GPT's kernels): fast (the chunked and tiled forms) or "
                                 "plain (layers.py's equations); the numbers differ in float "
@@ -366,6 +370,13 @@ CROSS_CHECKS = (
     Rule("data.max_len", "model.block_size",
          lambda c: not c.data.labelled or c.data.model or c.data.max_len <= c.model.block_size,
          lambda c, name: f"<= model.block_size ({c.model.block_size})"),
+    *(Rule(f"{section}.batch_processes", f"{section}.batch_threads",
+           lambda c, section=section: (getattr(c, section).batch_processes == 1
+                                       or getattr(c, section).batch_threads == 1),
+           lambda c, name, section=section: f"1 while {name(section + '.batch_threads')} is "
+                                            f"above 1 (parts in threads or in processes, "
+                                            f"not both)")
+      for section in ("pretrain", "finetune")),
     Rule("data.fractions", "data.fractions",
          lambda c: len(c.data.fractions) == 3 and abs(sum(c.data.fractions) - 1) < 1e-9,
          lambda c, name: "three numbers (train, val, test) that sum to 1"),

@@ -37,6 +37,7 @@ from . import heads as H
 from . import masks as M
 from . import weights
 from .kernels import FAST, KernelTable, in_threads, kernel_table, reuse_freed_memory
+from .workers import BatchWorkers, part_of
 from .knobs import Rule, check_knobs, check_value, knob
 from .layers import attention_mask
 from .lora import lora_linear_backward, lora_linear_forward
@@ -294,14 +295,18 @@ class StepCache(NamedTuple):
 
 class BatchPartsCache(NamedTuple):
     parts: list  # slices of the batch
-    caches: list  # a StepCache per part
+    caches: list  # a StepCache per part (None for a part a worker process holds)
+    workers: BatchWorkers | None = None  # the processes holding parts 1.. (batch_processes)
 
 
 def batch_parts(model, B: int) -> list[slice] | None:
-    """The batch split into model.batch_threads parts, or None to run it whole: one thread
-    asked for, a single row, or dropout active (the parts would draw from one RNG in an
-    order the threads decide, so the masks would differ run to run)."""
-    n = min(model.batch_threads, B)
+    """The batch split into model.batch_threads (or batch_processes) parts, or None to run
+    it whole: one part asked for, a single row, or dropout active (the parts would draw
+    from one RNG in an order the threads decide, so the masks would differ run to run)."""
+    if model.batch_threads > 1 and model.batch_processes > 1:
+        raise ValueError(f"batch_threads ({model.batch_threads}) and batch_processes "
+                         f"({model.batch_processes}): at most one of them can be above 1")
+    n = min(max(model.batch_threads, model.batch_processes), B)
     if n <= 1 or (model.training and model.config.draws_dropout):
         return None
     bounds = [B * k // n for k in range(n + 1)]
@@ -320,11 +325,6 @@ def sum_in_order(arrays):
     return total
 
 
-def part_of(a, s: slice):
-    """The rows s of a per-row array, or None for None (no mask, no targets)."""
-    return None if a is None else a[s]
-
-
 def loss_count(cfg, targets) -> int:
     """How many targets the loss averages over: the counted positions (not IGNORE_INDEX)
     for cross-entropy, every row for the scorer's mean squared error."""
@@ -341,16 +341,21 @@ class GPT:
     """GPT-2 with a hand-written backward pass. See the module docstring."""
 
     def __init__(self, config: GPTConfig, seed: int = 0, kernels: str | KernelTable = "fast",
-                 batch_threads: int = 1):
+                 batch_threads: int = 1, batch_processes: int = 1):
         self.config = config
         self.dtype = np.dtype(config.dtype)
         self.kernels = kernel_table(kernels)
         reuse_freed_memory()  # once per process: no page faults on every step's temporaries
-        if not isinstance(batch_threads, int) or isinstance(batch_threads, bool) or batch_threads < 1:
-            raise ValueError(f"batch_threads must be a positive integer, got {batch_threads!r}")
+        for knob, n in (("batch_threads", batch_threads), ("batch_processes", batch_processes)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"{knob} must be a positive integer, got {n!r}")
         # > 1: each step (forward, loss, backward) runs on that many parts of the batch, one
         # thread each (batch_parts); 1: the whole batch in the calling thread
         self.batch_threads = batch_threads
+        # or one process each: the first part here, the others in worker processes
+        # (workers.py), started at the first step that asks for them
+        self.batch_processes = batch_processes
+        self._workers: BatchWorkers | None = None
         self.training = True
         self.masks: dict[str, np.ndarray] = {}  # trainable masks, managed by masks.py
         self.rng = np.random.default_rng([seed, 1])  # dropout masks
@@ -436,10 +441,14 @@ class GPT:
             h, bb = self._backbone(idx[s], part_of(pad_mask, s), keep_cache=True)
             return self._head(h, part_of(targets, s), idx[s], part_of(pad_mask, s), bb, count)
 
-        runs = in_threads(run, parts)
+        workers = self.worker_processes()
+        if workers is None:
+            runs = in_threads(run, parts)
+        else:  # the first part here, the others in the worker processes
+            runs = workers.forward(self, run, parts, idx, targets, pad_mask, count)
         logits = np.concatenate([run[0] for run in runs])  # (B, ...)
         loss = None if targets is None else sum(run[1] for run in runs)
-        self._cache = BatchPartsCache(parts, [run[2] for run in runs])
+        self._cache = BatchPartsCache(parts, [run[2] for run in runs], workers)
         return logits, loss
 
     def backbone(self, idx, pad_mask=None, keep_cache=False):
@@ -455,9 +464,14 @@ class GPT:
         if parts is None:
             h, self._backbone_cache = self._backbone(idx, pad_mask, keep_cache)
             return h
-        runs = in_threads(lambda s: self._backbone(idx[s], part_of(pad_mask, s), False), parts)
+        run = lambda s: self._backbone(idx[s], part_of(pad_mask, s), False)[0]  # noqa: E731
+        workers = self.worker_processes()
+        if workers is None:
+            hs = in_threads(run, parts)
+        else:
+            hs = workers.backbone(self, run, parts, idx, pad_mask)
         self._backbone_cache = None
-        return np.concatenate([run[0] for run in runs])  # (B, T, C)
+        return np.concatenate(hs)  # (B, T, C)
 
     def _backbone(self, idx, pad_mask, keep_cache):
         """backbone() on one batch: (h, BackboneCache or None)."""
@@ -533,11 +547,15 @@ class GPT:
         """
         c, p = self._cache, self.params
         steps = c.caches if isinstance(c, BatchPartsCache) else [c]
-        if any(step is None or step.dlogits is None for step in steps):
+        # (a part a worker process holds has None here; the worker checks its own)
+        if c is None or any(step.dlogits is None for step in steps if step is not None):
             raise RuntimeError("backward() needs a forward pass with targets first")
         trains = lambda name: not M.is_frozen(self, name)  # noqa: E731
-        if isinstance(c, BatchPartsCache):  # each part's backward in its own thread
-            runs = in_threads(lambda step: self._backward(step, trains), c.caches)
+        if isinstance(c, BatchPartsCache):  # each part's backward in its own thread or process
+            if c.workers is None:
+                runs = in_threads(lambda step: self._backward(step, trains), c.caches)
+            else:
+                runs = c.workers.backward(self, lambda step: self._backward(step, trains), c.caches[0])
             grads = {name: sum_in_order([run[name] for run in runs]) for name in p}
         else:
             grads = self._backward(c, trains)
@@ -549,6 +567,11 @@ class GPT:
         # docs/performance.md#memory-caches-released-when-backward-is-done
         self.clear_caches()
         return grads
+
+    def part_backward(self, c) -> dict:
+        """_backward of one part's StepCache with the model's own frozen parameters (what a
+        worker process runs)."""
+        return self._backward(c, lambda name: not M.is_frozen(self, name))
 
     def _backward(self, c, trains) -> dict:
         """The chain rule from one StepCache's dlogits down: every parameter's gradient by
@@ -589,6 +612,21 @@ class GPT:
             grads["wte.weight"], grads["wpe.weight"] = K.embedding_backward(dx, bb.emb, head_dwte)
         return grads
 
+    # ------------------------------------------------------------------ processes
+
+    def worker_processes(self) -> BatchWorkers | None:
+        """The worker processes batch_processes > 1 asks for (started on first use, and
+        again when the number changes or one has died), or None to run the parts in
+        threads."""
+        n = self.batch_processes - 1
+        if n < 1:
+            return None
+        if self._workers is None or self._workers.n_workers != n or not self._workers.alive:
+            if self._workers is not None:
+                self._workers.close()
+            self._workers = BatchWorkers(n)
+        return self._workers
+
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -618,6 +656,21 @@ class GPT:
 
 # ----------------------------------------------------------------------------------------
 # input checks: one clear message for each way an input can be wrong
+
+
+def worker_model(config: GPTConfig, kernels: KernelTable, params: dict, frozen: list) -> GPT:
+    """A worker process's copy of a model: `params` (views of the shared block) as its
+    weights, and the same parameters frozen (workers.py)."""
+    model = GPT(config, kernels=kernels)
+    model.params = dict(params)  # LoRA adapters and heads included: forward looks them up by name
+    zero = {}
+    for name in frozen:  # a read-only mask of zeros that broadcasts: masks.is_frozen holds
+        ndim = params[name].ndim
+        if ndim not in zero:
+            zero[ndim] = np.zeros((1,) * ndim, dtype=bool)
+            zero[ndim].flags.writeable = False
+        model.masks[name] = zero[ndim]
+    return model
 
 
 def check_idx(idx, config: GPTConfig) -> np.ndarray:

@@ -279,7 +279,8 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
 
     s: the run's training knobs, a config section (config.TrainingConfig: config.pretrain,
     config.finetune, or TrainingConfig(steps=..., ...) built by hand). s.batch_threads
-    becomes model.batch_threads, s.kernels model.kernels.
+    becomes model.batch_threads, s.batch_processes model.batch_processes, s.kernels
+    model.kernels.
 
     Keeps the best parameters by the validation metric and restores them at the end.
     progress: an object with update(step, loss, lr) (see report.Progress) or None; when it
@@ -294,6 +295,8 @@ def train(model, data: Data, plan: S.Plan, s, seed: int = 0, progress=None,
     # every forward and backward of the run on s.batch_threads parts of the batch, one
     # thread each (1: whole); the model keeps the setting (docs/performance.md#batch-parts-in-threads)
     model.batch_threads = s.batch_threads
+    # or in s.batch_processes processes, the first part here (docs/performance.md#batch-parts-in-processes)
+    model.batch_processes = s.batch_processes
     # and with s.kernels' layer functions: the fast forms, or layers.py's plain equations
     model.kernels = kernel_table(s.kernels)
     order = BatchOrder(len(data.train), s.batch_size, seed)

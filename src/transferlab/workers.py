@@ -1,0 +1,330 @@
+"""Batch parts in processes: GPT(..., batch_processes=N) runs each step on N parts of the
+batch, the first in the calling process and the others in worker processes, each with its
+own interpreter and BLAS at one thread. docs/performance.md#batch-parts-in-processes
+
+Why processes: in threads (GPT's batch_threads) the parts share one interpreter, and every
+NumPy call hands the GIL back and forth; a step makes thousands of short calls, so the two
+threads wait for each other. Two processes share nothing but memory, and each runs its
+part at one-thread speed. This is data parallelism as PyTorch's DistributedDataParallel
+does it, on one machine: the same model in every process, a part of the batch each, the
+gradients summed.
+
+What crosses between the processes, per step:
+- before the forward: the weights, copied into a shared-memory block the workers' models
+  view (a copy of every parameter per step: the workers never hold stale weights, whatever
+  changed them: an optimizer, load_state_dict, a strategy's surgery); and when the model
+  changed shape or settings (config, kernel table, frozen parameters), the new settings,
+  on which the worker rebuilds its model;
+- the part's rows of idx, targets and the padding mask, and back its logits and loss;
+- after the backward: each worker's gradients, written into its own area of the block,
+  which the calling process adds to its own part's gradients in part order (the same
+  additions as the threads path, so the same numbers bit for bit).
+
+A worker starts with the spawn method (a fresh interpreter: no state forked from a process
+with running threads) the first time a model asks for processes, about 0.5 s once, and
+stops when the model is freed or the program ends. As with any multiprocessing code, a
+script that builds such a model must guard its top level with `if __name__ == "__main__":`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import signal
+import traceback
+import weakref
+from multiprocessing import shared_memory
+from typing import NamedTuple
+
+import numpy as np
+
+from .kernels import blas_threads
+
+ALIGN = 64  # bytes: every array in the shared block starts on a cache line
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed or exited; the message carries its traceback."""
+
+
+EXITED = ("a batch worker process exited (killed, or out of memory?); the next step starts "
+          "a new one, and batch_processes=1 runs every part here")
+
+
+def block_layout(params: dict) -> tuple[list, int]:
+    """[(name, shape, offset)] of every parameter in one flat block, and the block's bytes
+    per copy of the parameters (the weights, or one worker's gradients)."""
+    layout, offset = [], 0
+    for name, p in params.items():
+        layout.append((name, p.shape, offset))
+        offset += -(-p.nbytes // ALIGN) * ALIGN
+    return layout, offset
+
+
+def views(buf, layout, dtype, start: int) -> dict[str, np.ndarray]:
+    """name -> an array over buf at `start` + each parameter's offset (no copy)."""
+    dtype = np.dtype(dtype)
+    return {name: np.ndarray(shape, dtype, buffer=buf, offset=start + offset)
+            for name, shape, offset in layout}
+
+
+class Posted(NamedTuple):
+    """An array sent through a worker's outbox: where it is and what it looks like."""
+    box: str  # the shared memory's name
+    shape: tuple
+    dtype: str
+
+
+class Outbox:
+    """A worker's shared memory for the arrays it sends back (a part's logits: at GPT-2's
+    vocabulary 100 MB, too much to pickle through a pipe every step). It grows to the
+    largest array sent and is replaced, not resized, when a larger one comes."""
+
+    def __init__(self):
+        self.shm = None
+
+    def post(self, a: np.ndarray) -> Posted:
+        if self.shm is None or self.shm.size < a.nbytes:
+            self.close()
+            self.shm = shared_memory.SharedMemory(create=True, size=max(1, a.nbytes))
+        np.copyto(np.ndarray(a.shape, a.dtype, buffer=self.shm.buf), a)
+        return Posted(self.shm.name, a.shape, a.dtype.str)
+
+    def close(self):
+        if self.shm is not None:
+            self.shm.close()
+            self.shm.unlink()
+            self.shm = None
+
+
+def part_of(a, s: slice):
+    """The rows s of a per-row array, or None for None (no mask, no targets)."""
+    return None if a is None else a[s]
+
+
+def frozen_names(model) -> list[str]:
+    from . import masks as M  # masks.py imports model.py's users; late import avoids a cycle
+
+    return [name for name in model.params if M.is_frozen(model, name)]
+
+
+class BatchWorkers:
+    """n_workers processes, each holding a copy of one model and running a part of its
+    batch; the parts go out and come back through forward / backbone / backward."""
+
+    def __init__(self, n_workers: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs = [], []
+        for k in range(n_workers):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(theirs,), daemon=True,
+                               name=f"transferlab-part{k + 1}")
+            proc.start()
+            theirs.close()
+            self.conns.append(mine)
+            self.procs.append(proc)
+        self.shm = None  # the shared block: the weights, then one gradient area per worker
+        self.outboxes: dict[str, shared_memory.SharedMemory] = {}  # the workers' (by name)
+        self.settings = None  # what the workers' models were last built from
+        self.weights: dict[str, np.ndarray] = {}
+        self._closer = weakref.finalize(self, BatchWorkers._close, self.conns, self.procs, [None])
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.conns)
+
+    def close(self):
+        self._closer.detach()
+        for box in self.outboxes.values():
+            box.close()
+        BatchWorkers._close(self.conns, self.procs, [self.shm])
+        self.shm = None
+
+    @staticmethod
+    def _close(conns, procs, shms):
+        for conn in conns:
+            try:
+                conn.send(("stop",))
+                conn.close()
+            except (OSError, ValueError):
+                pass
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        for shm in shms:
+            if shm is not None:
+                shm.close()
+                shm.unlink()
+
+    # ------------------------------------------------------------------ the model
+
+    def sync(self, model):
+        """Give every worker the model's settings (if they changed) and its weights."""
+        layout, nbytes = block_layout(model.params)
+        try:
+            kernels = pickle.dumps(model.kernels)
+        except Exception as e:  # a table of lambdas or local functions
+            raise ValueError(f"batch_processes needs a kernel table other processes can "
+                             f"import (a name in kernels.KERNELS): {e}") from None
+        settings = (model.config, kernels, model.dtype.str, layout, frozen_names(model))
+        if settings != self.settings:
+            self._rebuild(model, settings, layout, nbytes)
+        for name, p in model.params.items():
+            np.copyto(self.weights[name], p)
+
+    def _rebuild(self, model, settings, layout, nbytes):
+        if self.shm is None or self.shm.size < nbytes * (1 + self.n_workers):
+            old, self.shm = self.shm, shared_memory.SharedMemory(create=True,
+                                                                 size=max(1, nbytes * (1 + self.n_workers)))
+            self._closer.detach()
+            self._closer = weakref.finalize(self, BatchWorkers._close, self.conns, self.procs, [self.shm])
+            if old is not None:
+                old.close()
+                old.unlink()
+        self.weights = views(self.shm.buf, layout, model.dtype, 0)
+        self.grad_starts = [nbytes * (k + 1) for k in range(self.n_workers)]
+        self._call([("model", self.shm.name, settings, start) for start in self.grad_starts])
+        self.settings = settings
+        self.layout = layout
+
+    @property
+    def alive(self) -> bool:
+        return all(proc.is_alive() for proc in self.procs)
+
+    def _call(self, messages, run_here=None, arg=None):
+        """Send each worker its message, run run_here(arg) here meanwhile (BLAS at one
+        thread), then hear every worker: (run_here's result, [each worker's reply]). All
+        replies are read before an error is raised, here or in a worker, so a call never
+        leaves a reply behind for the next one."""
+        sent, here = [], None
+        try:
+            for conn, msg in zip(self.conns, messages):
+                self._send(conn, *msg)
+                sent.append(conn)
+            if run_here is not None:
+                with blas_threads(1):
+                    here = run_here(arg)
+        finally:
+            replies, error = [], None
+            for conn in sent:
+                try:
+                    replies.append(self._reply(conn))
+                except WorkerError as err:
+                    error = error or err
+        if error is not None:
+            raise error
+        return here, replies
+
+    def _send(self, conn, *msg):
+        try:
+            conn.send(msg)
+        except (OSError, ValueError):
+            raise WorkerError(EXITED) from None
+
+    def _reply(self, conn):
+        try:
+            kind, *payload = conn.recv()
+        except (EOFError, OSError):
+            raise WorkerError(EXITED) from None
+        if kind == "error":
+            raise WorkerError("a batch worker process failed:\n" + payload[0])
+        return [self._unpack(x) for x in payload]
+
+    def _unpack(self, x):
+        """An array a worker put in its outbox (a view, valid until its next reply), or x."""
+        if not isinstance(x, Posted):
+            return x
+        box = self.outboxes.get(x.box)
+        if box is None:
+            box = self.outboxes[x.box] = shared_memory.SharedMemory(name=x.box)
+        return np.ndarray(x.shape, np.dtype(x.dtype), buffer=box.buf)
+
+    # ------------------------------------------------------------------ a step
+
+    def forward(self, model, run_here, parts, idx, targets, pad_mask, count):
+        """[run_here(parts[0]), (logits, loss, None) of every other part]: the first part in
+        this process while the workers run theirs."""
+        self.sync(model)
+        first, replies = self._call([("forward", model.training, idx[s], part_of(targets, s),
+                                      part_of(pad_mask, s), count) for s in parts[1:]],
+                                    run_here, parts[0])
+        return [first] + [(logits, loss, None) for logits, loss in replies]
+
+    def backbone(self, model, run_here, parts, idx, pad_mask):
+        """[h of every part]: backbone(..., keep_cache=False) on the parts."""
+        self.sync(model)
+        first, replies = self._call([("backbone", model.training, idx[s], part_of(pad_mask, s))
+                                     for s in parts[1:]], run_here, parts[0])
+        return [first] + [h for (h,) in replies]
+
+    def backward(self, model, run_here, first_cache):
+        """[run_here(first_cache), each worker's gradients]: name -> gradient, None where
+        nothing was computed. A worker's gradients are views of the shared block, valid
+        until its next backward."""
+        first, replies = self._call([("backward",)] * self.n_workers, run_here, first_cache)
+        runs = [first]
+        for (computed,), start in zip(replies, self.grad_starts):
+            grads = views(self.shm.buf, self.layout, model.dtype, start)
+            runs.append({name: grads[name] if name in computed else None for name in grads})
+        return runs
+
+
+# ----------------------------------------------------------------------------------------
+# the worker process
+
+
+def worker_main(conn):
+    """A worker's loop: build the model it is sent, run its part of each step."""
+    from . import model as model_module  # imported here: the parent imports this module first
+
+    # Ctrl-C reaches the whole process group: the parent decides what happens (a runner
+    # saves its journal), and stops its workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    shm, model, cache, grads_out, outbox = None, None, None, {}, Outbox()
+    with blas_threads(1):
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            if kind == "stop":
+                break
+            try:
+                if kind == "model":
+                    name, (config, kernels, dtype, layout, frozen), grad_start = msg[1:]
+                    if shm is None or shm.name != name:
+                        if shm is not None:
+                            shm.close()
+                        shm = shared_memory.SharedMemory(name=name)
+                    weights = views(shm.buf, layout, dtype, 0)
+                    grads_out = views(shm.buf, layout, dtype, grad_start)
+                    model = model_module.worker_model(config, pickle.loads(kernels), weights, frozen)
+                    cache = None
+                    conn.send(("ok",))
+                elif kind == "forward":
+                    training, idx, targets, pad_mask, count = msg[1:]
+                    model.training = training
+                    h, bb = model._backbone(idx, pad_mask, keep_cache=True)
+                    logits, loss, cache = model._head(h, targets, idx, pad_mask, bb, count)
+                    conn.send(("ok", outbox.post(logits), loss))
+                elif kind == "backbone":
+                    training, idx, pad_mask = msg[1:]
+                    model.training = training
+                    conn.send(("ok", outbox.post(model._backbone(idx, pad_mask, keep_cache=False)[0])))
+                elif kind == "backward":
+                    grads = model.part_backward(cache)
+                    cache = None
+                    for n, g in grads.items():
+                        if g is not None:
+                            np.copyto(grads_out[n], g)
+                    conn.send(("ok", {n for n, g in grads.items() if g is not None}))
+            except BaseException:
+                cache = None
+                conn.send(("error", traceback.format_exc()))
+    outbox.close()
+    if shm is not None:
+        shm.close()
+
