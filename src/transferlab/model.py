@@ -438,8 +438,7 @@ class GPT:
         count = None if targets is None else loss_count(cfg, targets)
 
         def run(s):  # one part, start to finish, in its own thread
-            h, bb = self._backbone(idx[s], part_of(pad_mask, s), keep_cache=True)
-            return self._head(h, part_of(targets, s), idx[s], part_of(pad_mask, s), bb, count)
+            return self.part_forward(idx[s], part_of(targets, s), part_of(pad_mask, s), count)
 
         workers = self.worker_processes()
         if workers is None:
@@ -450,6 +449,12 @@ class GPT:
         loss = None if targets is None else sum(run[1] for run in runs)
         self._cache = BatchPartsCache(parts, [run[2] for run in runs], workers)
         return logits, loss
+
+    def part_forward(self, idx, targets, pad_mask, count):
+        """One part of a batch, start to finish (what a thread or a worker process runs):
+        (logits, loss, StepCache), the loss divided by the whole batch's `count`."""
+        h, bb = self._backbone(idx, pad_mask, keep_cache=True)
+        return self._head(h, targets, idx, pad_mask, bb, count)
 
     def backbone(self, idx, pad_mask=None, keep_cache=False):
         """The transformer up to and including ln_f: h (B, T, C).

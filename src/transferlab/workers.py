@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import masks as M
 from .kernels import blas_threads
 
 ALIGN = 64  # bytes: every array in the shared block starts on a cache line
@@ -103,8 +104,6 @@ def part_of(a, s: slice):
 
 
 def frozen_names(model) -> list[str]:
-    from . import masks as M  # masks.py imports model.py's users; late import avoids a cycle
-
     return [name for name in model.params if M.is_frozen(model, name)]
 
 
@@ -174,12 +173,12 @@ class BatchWorkers:
             np.copyto(self.weights[name], p)
 
     def _rebuild(self, model, settings, layout, nbytes):
-        if self.shm is None or self.shm.size < nbytes * (1 + self.n_workers):
-            old, self.shm = self.shm, shared_memory.SharedMemory(create=True,
-                                                                 size=max(1, nbytes * (1 + self.n_workers)))
+        size = nbytes * (1 + self.n_workers)
+        if self.shm is None or self.shm.size < size:  # a larger block (a new head, LoRA)
+            old, self.shm, self.weights = self.shm, shared_memory.SharedMemory(create=True, size=max(1, size)), {}
             self._closer.detach()
             self._closer = weakref.finalize(self, BatchWorkers._close, self.conns, self.procs, [self.shm])
-            if old is not None:
+            if old is not None:  # no view of it is left here; the worker drops its own
                 old.close()
                 old.unlink()
         self.weights = views(self.shm.buf, layout, model.dtype, 0)
@@ -276,7 +275,7 @@ class BatchWorkers:
 
 def worker_main(conn):
     """A worker's loop: build the model it is sent, run its part of each step."""
-    from . import model as model_module  # imported here: the parent imports this module first
+    from . import model as model_module  # imported here: model.py imports this module
 
     # Ctrl-C reaches the whole process group: the parent decides what happens (a runner
     # saves its journal), and stops its workers
@@ -295,7 +294,9 @@ def worker_main(conn):
             try:
                 if kind == "model":
                     name, (config, kernels, dtype, layout, frozen), grad_start = msg[1:]
-                    if shm is None or shm.name != name:
+                    if shm is None or shm.name != name:  # a new block: drop every view of the old
+                        model = cache = weights = None
+                        grads_out = {}
                         if shm is not None:
                             shm.close()
                         shm = shared_memory.SharedMemory(name=name)
@@ -307,13 +308,12 @@ def worker_main(conn):
                 elif kind == "forward":
                     training, idx, targets, pad_mask, count = msg[1:]
                     model.training = training
-                    h, bb = model._backbone(idx, pad_mask, keep_cache=True)
-                    logits, loss, cache = model._head(h, targets, idx, pad_mask, bb, count)
+                    logits, loss, cache = model.part_forward(idx, targets, pad_mask, count)
                     conn.send(("ok", outbox.post(logits), loss))
                 elif kind == "backbone":
                     training, idx, pad_mask = msg[1:]
                     model.training = training
-                    conn.send(("ok", outbox.post(model._backbone(idx, pad_mask, keep_cache=False)[0])))
+                    conn.send(("ok", outbox.post(model.backbone(idx, pad_mask))))
                 elif kind == "backward":
                     grads = model.part_backward(cache)
                     cache = None
