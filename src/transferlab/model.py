@@ -37,11 +37,11 @@ from . import heads as H
 from . import masks as M
 from . import weights
 from .kernels import FAST, KernelTable, in_threads, kernel_table, reuse_freed_memory
-from .workers import BatchWorkers, part_of
 from .knobs import Rule, check_knobs, check_value, knob
 from .layers import attention_mask
 from .lora import lora_linear_backward, lora_linear_forward
 from .losses import IGNORE_INDEX, sigmoid, sigmoid_mse
+from .workers import BatchWorkers, part_of
 
 DTYPES = ("float32", "float64")
 BLOCK_PARAMS = (  # (name inside a block, shape as a function of C)
