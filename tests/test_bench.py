@@ -3,6 +3,7 @@ tests/test_kernels.py.)"""
 import json
 import math
 import statistics
+import time
 
 import numpy as np
 import pytest
@@ -105,10 +106,37 @@ def test_two_threads_time_the_batch_parts_and_a_one_thread_pass(restore_threads)
             rounds = [n / t for n, t in zip(s["numpy_threads_ms_all"], s["torch_ms_all"])]
             assert s["ratio_threads"] == pytest.approx(statistics.median(rounds))
             assert s["one_thread"]["ratio_cpu"] > 0
-    rss = bench.peak_rss("tiny", 2, torch is not None)  # the batch-parts step's own child
+        # and GPT(..., batch_processes=2), the parts in processes, beside them
+        assert s["numpy_procs_ms"] > 0 and "numpy_procs_cpu_ms" not in s["one_thread"]
+        if torch is not None:
+            rounds = [n / t for n, t in zip(s["numpy_procs_ms_all"], s["torch_ms_all"])]
+            assert s["ratio_procs"] == pytest.approx(statistics.median(rounds))
+    rss = bench.peak_rss("tiny", 2, torch is not None)  # the batch-parts steps' own children
     assert rss["numpy_threads_mb"] >= rss["numpy_threads_before_step_mb"] > 0
+    # two processes' peaks added up: more than one process's, the shared block named
+    assert rss["numpy_procs_mb"] > rss["numpy_mb"] and rss["numpy_procs_shared_mb"] > 0
     if torch is not None:
         assert rss["ratio_threads"] == pytest.approx(rss["numpy_threads_mb"] / rss["torch_mb"])
+        assert rss["ratio_procs"] == pytest.approx(rss["numpy_procs_mb"] / rss["torch_mb"])
+
+
+def test_the_cpu_time_of_a_step_counts_its_worker_process():
+    """cpu_seconds adds the live worker processes' CPU time: a procs/N step's second part
+    is ours, not another process's (which would flag the machine busy)."""
+    from transferlab import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_embd=64),
+                batch_processes=2)
+    idx = np.zeros((8, 64), dtype=int)
+    model(idx, idx)
+    model.backward()
+    before = bench.workers_cpu_seconds()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.5:  # the worker runs half of every step
+        model(idx, idx)
+        model.backward()
+    assert bench.workers_cpu_seconds() - before >= 0.05
+    del model
 
 
 def test_paired_ratio_is_the_median_of_the_rounds_ratios():
