@@ -189,3 +189,19 @@ def test_a_worker_stops_and_its_shared_memory_goes_when_the_model_is_freed():
     proc.join(5)
     assert not proc.is_alive()
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
+
+
+def test_a_model_built_on_given_arrays_uses_them_as_they_are():
+    """GPT(config, params=...) (how a worker builds its model on the shared block): those
+    arrays are the weights, no copy and no initialisation, so writing into them is writing
+    into the model, and the model computes what the one that made them computes."""
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64",
+                    head="token", n_classes=3)
+    source = GPT(cfg, seed=3)
+    arrays = {name: p.copy() for name, p in source.params.items()}
+    built = GPT(cfg, seed=99, params=arrays)  # another seed: it must not matter
+    assert all(built.params[name] is arrays[name] for name in arrays)
+    idx = np.random.default_rng(0).integers(0, 11, (2, 8))
+    np.testing.assert_array_equal(built(idx)[0], source(idx)[0])
+    arrays["token_head.bias"][...] = 5.0
+    assert not np.array_equal(built(idx)[0], source(idx)[0])

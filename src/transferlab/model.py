@@ -341,7 +341,7 @@ class GPT:
     """GPT-2 with a hand-written backward pass. See the module docstring."""
 
     def __init__(self, config: GPTConfig, seed: int = 0, kernels: str | KernelTable = "fast",
-                 batch_threads: int = 1, batch_processes: int = 1):
+                 batch_threads: int = 1, batch_processes: int = 1, params: dict | None = None):
         self.config = config
         self.dtype = np.dtype(config.dtype)
         self.kernels = kernel_table(kernels)
@@ -360,8 +360,11 @@ class GPT:
         self.masks: dict[str, np.ndarray] = {}  # trainable masks, managed by masks.py
         self.rng = np.random.default_rng([seed, 1])  # dropout masks
         self.init_rng = np.random.default_rng([seed, 0])  # weights, new heads, new vocab rows
-        self.params: dict[str, np.ndarray] = self._init_backbone()
-        self.params.update(H.init_head(self))
+        if params is None:
+            self.params: dict[str, np.ndarray] = self._init_backbone()
+            self.params.update(H.init_head(self))
+        else:  # these arrays are the weights, as they are (a worker's views of shared memory)
+            self.params = dict(params)
         self.clear_caches()
 
     def _init_backbone(self):
@@ -666,8 +669,9 @@ class GPT:
 def worker_model(config: GPTConfig, kernels: KernelTable, params: dict, frozen: list) -> GPT:
     """A worker process's copy of a model: `params` (views of the shared block) as its
     weights, and the same parameters frozen (workers.py)."""
-    model = GPT(config, kernels=kernels)
-    model.params = dict(params)  # LoRA adapters and heads included: forward looks them up by name
+    # no initialisation to throw away (GPT-2 124M's takes seconds, and a worker rebuilds at
+    # every change of the frozen set); LoRA adapters and heads included, looked up by name
+    model = GPT(config, kernels=kernels, params=params)
     zero = {}
     for name in frozen:  # a read-only mask of zeros that broadcasts: masks.is_frozen holds
         ndim = params[name].ndim
