@@ -135,3 +135,65 @@ def test_sigterm_with_two_jobs_stops_the_workers_and_resumes(world, tmp_path):
     reference = json.loads((world[2] / "results.json").read_text())
     resumed = json.loads((tmp_path / "results.json").read_text())
     assert _without_timings(resumed["results"]) == _without_timings(reference["results"])
+
+
+def _processes_in_group(pgid: int) -> list[str]:
+    """The command lines of the live processes whose process group is `pgid` (Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # pgrp; a zombie holds nothing
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ctrl_c_with_batch_processes_leaves_no_worker_and_resumes(world, tmp_path):
+    """finetune.batch_processes: 2 and a Ctrl-C, which the terminal sends to the whole
+    process group: the worker ignores it, the runner stops as always (status 130, the
+    resume line, no traceback), no process of the group is left, no shared memory either,
+    and --resume gives the results of an uninterrupted batch_processes run."""
+    procs = ["--set", "finetune.batch_processes=2"]
+    (tmp_path / "ref").mkdir()
+    ref_args, ref = _start(world, tmp_path / "ref", *procs, "--no-progress")
+    assert ref.wait(timeout=300) == 0, ref.communicate()[1]
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    root, config, _ = world
+    shutil.copytree(root / "cache", cwd / "cache", ignore=shutil.ignore_patterns("journal", "runs"))
+    args = ["--config", str(config), "--set", f"runner.cache_dir={cwd / 'cache'}", *ARGS, *procs]
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen([sys.executable, str(MAIN), *args], cwd=cwd, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    _wait_for_a_run_in_the_middle(cwd, proc)
+    assert any("spawn_main" in cmd for cmd in _processes_in_group(proc.pid))  # a worker runs
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: every process of the group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].endswith("finetune.batch_processes=2 --resume")
+    deadline = time.monotonic() + 10  # multiprocessing's resource tracker exits right after
+    while _processes_in_group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_in_group(proc.pid) == []
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    done = subprocess.run([sys.executable, str(MAIN), *args, "--resume"], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("read back from the journal") >= 2
+    reference = json.loads((tmp_path / "ref" / "results.json").read_text())
+    resumed = json.loads((cwd / "results.json").read_text())
+    assert _without_timings(resumed["results"]) == _without_timings(reference["results"])
+
+
+def test_jobs_with_batch_processes_say_how_many_processes_share_the_cores(world, tmp_path):
+    args, proc = _start(world, tmp_path, "--jobs", "2", "--set", "finetune.batch_processes=2",
+                        "--no-progress")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    warning = [line for line in err.splitlines() if "runner.jobs 2 with finetune.batch_processes 2" in line]
+    assert len(warning) == 1 and f"4 busy processes on {os.cpu_count()} cores" in warning[0]

@@ -558,6 +558,12 @@ def run(config, pretrained=None, resume=None, sweep=None, progress=None, executo
         Path(task.checkpoint).unlink(missing_ok=True)  # the journal holds the run now
 
     jobs = config.runner.jobs
+    if jobs > 1 and config.finetune.batch_processes > 1 and len(pending) > 1:
+        log.warning("runner.jobs %d with finetune.batch_processes %d: each job starts its own "
+                    "worker processes, %d busy processes on %d cores "
+                    "(docs/performance.md#batch-parts-in-processes)",
+                    jobs, config.finetune.batch_processes,
+                    jobs * config.finetune.batch_processes, os.cpu_count() or 1)
     try:
         if executor is None and jobs == 1:
             for task in pending:
