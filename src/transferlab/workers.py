@@ -273,58 +273,79 @@ class BatchWorkers:
 # the worker process
 
 
-def worker_main(conn):
-    """A worker's loop: build the model it is sent, run its part of each step."""
-    from . import model as model_module  # imported here: model.py imports this module
+class Worker:
+    """What a worker process holds between messages: the shared block and its views, the
+    model built on them, the cache of the part it ran last, and its outbox. Each method
+    answers one kind of message with the tuple that follows "ok" in the reply."""
 
+    def __init__(self):
+        self.shm, self.model, self.cache, self.grads_out = None, None, None, {}
+        self.outbox = Outbox()
+
+    def build(self, name, settings, grad_start):
+        from .model import worker_model  # imported here: model.py imports this module
+
+        config, kernels, dtype, layout, frozen = settings
+        if self.shm is None or self.shm.name != name:  # a new block: drop every view of the old
+            self.model = self.cache = None
+            self.grads_out = {}
+            if self.shm is not None:
+                self.shm.close()
+            self.shm = shared_memory.SharedMemory(name=name)
+        self.grads_out = views(self.shm.buf, layout, dtype, grad_start)
+        self.model = worker_model(config, pickle.loads(kernels), views(self.shm.buf, layout, dtype, 0),
+                                  frozen)
+        self.cache = None
+        return ()
+
+    def forward(self, training, idx, targets, pad_mask, count):
+        self.model.training = training
+        logits, loss, self.cache = self.model.part_forward(idx, targets, pad_mask, count)
+        return self.outbox.post(logits), loss
+
+    def backbone(self, training, idx, pad_mask):
+        self.model.training = training
+        return (self.outbox.post(self.model.backbone(idx, pad_mask)),)
+
+    def backward(self):
+        grads = self.model.part_backward(self.cache)
+        self.cache = None
+        for name, g in grads.items():
+            if g is not None:
+                np.copyto(self.grads_out[name], g)
+        return ({name for name, g in grads.items() if g is not None},)
+
+    def close(self):
+        self.model = self.cache = None
+        self.grads_out = {}
+        self.outbox.close()
+        if self.shm is not None:
+            self.shm.close()
+
+
+def worker_main(conn):
+    """A worker process's loop: answer each message until "stop" or the pipe closes."""
     # Ctrl-C reaches the whole process group: the parent decides what happens (a runner
     # saves its journal), and stops its workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    shm, model, cache, grads_out, outbox = None, None, None, {}, Outbox()
+    worker = Worker()
+    answer = {"model": worker.build, "forward": worker.forward, "backbone": worker.backbone,
+              "backward": worker.backward}
     with blas_threads(1):
         while True:
             try:
-                msg = conn.recv()
-            except (EOFError, OSError):
+                kind, *args = conn.recv()
+            except (EOFError, OSError):  # the calling process is gone
                 break
-            kind = msg[0]
             if kind == "stop":
                 break
             try:
-                if kind == "model":
-                    name, (config, kernels, dtype, layout, frozen), grad_start = msg[1:]
-                    if shm is None or shm.name != name:  # a new block: drop every view of the old
-                        model = cache = weights = None
-                        grads_out = {}
-                        if shm is not None:
-                            shm.close()
-                        shm = shared_memory.SharedMemory(name=name)
-                    weights = views(shm.buf, layout, dtype, 0)
-                    grads_out = views(shm.buf, layout, dtype, grad_start)
-                    model = model_module.worker_model(config, pickle.loads(kernels), weights, frozen)
-                    cache = None
-                    conn.send(("ok",))
-                elif kind == "forward":
-                    training, idx, targets, pad_mask, count = msg[1:]
-                    model.training = training
-                    logits, loss, cache = model.part_forward(idx, targets, pad_mask, count)
-                    conn.send(("ok", outbox.post(logits), loss))
-                elif kind == "backbone":
-                    training, idx, pad_mask = msg[1:]
-                    model.training = training
-                    conn.send(("ok", outbox.post(model.backbone(idx, pad_mask))))
-                elif kind == "backward":
-                    grads = model.part_backward(cache)
-                    cache = None
-                    for n, g in grads.items():
-                        if g is not None:
-                            np.copyto(grads_out[n], g)
-                    conn.send(("ok", {n for n, g in grads.items() if g is not None}))
+                reply = ("ok", *answer[kind](*args))
             except BaseException:
-                cache = None
-                conn.send(("error", traceback.format_exc()))
-    outbox.close()
-    if shm is not None:
-        shm.close()
-
+                worker.cache = None
+                reply = ("error", traceback.format_exc())
+            try:
+                conn.send(reply)
+            except OSError:  # the calling process is gone
+                break
+    worker.close()
