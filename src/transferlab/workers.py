@@ -21,8 +21,8 @@ What crosses between the processes, per step:
   additions as the threads path, so the same numbers bit for bit).
 
 A worker starts with the spawn method (a fresh interpreter: no state forked from a process
-with running threads) the first time a model asks for processes, about 0.5 s once, and
-stops when the model is freed or the program ends. As with any multiprocessing code, a
+with running threads, which imports NumPy and transferlab once) the first time a model
+asks for processes, and stops when the model is freed or the program ends. As with any multiprocessing code, a
 script that builds such a model must guard its top level with `if __name__ == "__main__":`.
 """
 
