@@ -411,3 +411,27 @@ def test_reusing_freed_memory_removes_the_page_faults_of_every_step():
     assert row["reuse_faults_per_step"] < 0.01 * row["glibc_faults_per_step"]
     assert row["glibc_cpu_ms"] > 0 and row["reuse_cpu_ms"] > 0
     assert "reuse faults" in bench.format_malloc({"tiny": row})
+
+
+def test_the_kernels_in_a_step_are_timed_on_the_steps_own_clock(monkeypatch, restore_threads):
+    """step_against_layers times the step in CPU time, and so the kernels inside it: a
+    process that waits (descheduled on a busy machine; here a GELU that sleeps) adds wall
+    time but no CPU time, and the kernels' share never exceeds the step."""
+    import dataclasses
+
+    real = bench.lm_batch
+
+    def with_a_waiting_gelu(spec, *args, **kwargs):
+        model, idx, targets = real(spec, *args, **kwargs)
+        gelu = model.kernels.gelu_forward
+
+        def waiting_gelu(x):
+            time.sleep(0.02)
+            return gelu(x)
+
+        model.kernels = dataclasses.replace(model.kernels, gelu_forward=waiting_gelu)
+        return model, idx, targets
+
+    monkeypatch.setattr(bench, "lm_batch", with_a_waiting_gelu)
+    n = bench.step_against_layers("tiny", rounds=1, torch=None, rest=0.0)["numpy"]
+    assert 0 <= n["between_kernels_ms"] < n["step_ms"]
