@@ -104,6 +104,7 @@ def part_of(a, s: slice):
 
 
 def frozen_names(model) -> list[str]:
+    """The parameters no entry of which trains (masks.is_frozen): the worker freezes them too."""
     return [name for name in model.params if M.is_frozen(model, name)]
 
 
@@ -175,7 +176,8 @@ class BatchWorkers:
     def _rebuild(self, model, settings, layout, nbytes):
         size = nbytes * (1 + self.n_workers)
         if self.shm is None or self.shm.size < size:  # a larger block (a new head, LoRA)
-            old, self.shm, self.weights = self.shm, shared_memory.SharedMemory(create=True, size=max(1, size)), {}
+            old, self.weights = self.shm, {}
+            self.shm = shared_memory.SharedMemory(create=True, size=max(1, size))
             self._closer.detach()
             self._closer = weakref.finalize(self, BatchWorkers._close, self.conns, self.procs, [self.shm])
             if old is not None:  # no view of it is left here; the worker drops its own
