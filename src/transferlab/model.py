@@ -558,15 +558,14 @@ class GPT:
         # (a part a worker process holds has None here; the worker checks its own)
         if c is None or any(step.dlogits is None for step in steps if step is not None):
             raise RuntimeError("backward() needs a forward pass with targets first")
-        trains = lambda name: not M.is_frozen(self, name)  # noqa: E731
         if isinstance(c, BatchPartsCache):  # each part's backward in its own thread or process
             if c.workers is None:
-                runs = in_threads(lambda step: self._backward(step, trains), c.caches)
+                runs = in_threads(self.step_backward, c.caches)
             else:
-                runs = c.workers.backward(self, lambda step: self._backward(step, trains), c.caches[0])
+                runs = c.workers.backward(self.step_backward, c.caches[0])
             grads = {name: sum_in_order([run[name] for run in runs]) for name in p}
         else:
-            grads = self._backward(c, trains)
+            grads = self.step_backward(c)
         for name, g in grads.items():  # frozen or unreached: an explicit zero gradient
             if g is None or M.is_frozen(self, name):
                 grads[name] = zero_gradient(p[name].shape, p[name].dtype)
@@ -576,9 +575,9 @@ class GPT:
         self.clear_caches()
         return grads
 
-    def part_backward(self, c) -> dict:
-        """_backward of one part's StepCache with the model's own frozen parameters (what a
-        worker process runs)."""
+    def step_backward(self, c) -> dict:
+        """_backward of one StepCache (the whole batch's, or a part's in a thread or a worker
+        process) with the model's own frozen parameters."""
         return self._backward(c, lambda name: not M.is_frozen(self, name))
 
     def _backward(self, c, trains) -> dict:
@@ -672,13 +671,8 @@ def worker_model(config: GPTConfig, kernels: KernelTable, params: dict, frozen: 
     # no initialisation to throw away (GPT-2 124M's takes seconds, and a worker rebuilds at
     # every change of the frozen set); LoRA adapters and heads included, looked up by name
     model = GPT(config, kernels=kernels, params=params)
-    zero = {}
-    for name in frozen:  # a read-only mask of zeros that broadcasts: masks.is_frozen holds
-        ndim = params[name].ndim
-        if ndim not in zero:
-            zero[ndim] = np.zeros((1,) * ndim, dtype=bool)
-            zero[ndim].flags.writeable = False
-        model.masks[name] = zero[ndim]
+    for name in frozen:  # masks.freeze's mask, so masks.is_frozen holds for each
+        model.masks[name] = M.frozen_mask(params[name])
     return model
 
 

@@ -126,7 +126,8 @@ class BatchWorkers:
         self.shm = None  # the shared block: the weights, then one gradient area per worker
         self.outboxes: dict[str, shared_memory.SharedMemory] = {}  # the workers' (by name)
         self.settings = None  # what the workers' models were last built from
-        self.weights: dict[str, np.ndarray] = {}
+        self.weights: dict[str, np.ndarray] = {}  # views of the block: the weights
+        self.grads: list[dict[str, np.ndarray]] = []  # and each worker's gradients
         self._closer = weakref.finalize(self, BatchWorkers._close, self.conns, self.procs, [None])
 
     @property
@@ -176,7 +177,7 @@ class BatchWorkers:
     def _rebuild(self, model, settings, layout, nbytes):
         size = nbytes * (1 + self.n_workers)
         if self.shm is None or self.shm.size < size:  # a larger block (a new head, LoRA)
-            old, self.weights = self.shm, {}
+            old, self.weights, self.grads = self.shm, {}, []
             self.shm = shared_memory.SharedMemory(create=True, size=max(1, size))
             self._closer.detach()
             self._closer = weakref.finalize(self, BatchWorkers._close, self.conns, self.procs, [self.shm])
@@ -184,10 +185,10 @@ class BatchWorkers:
                 old.close()
                 old.unlink()
         self.weights = views(self.shm.buf, layout, model.dtype, 0)
-        self.grad_starts = [nbytes * (k + 1) for k in range(self.n_workers)]
-        self._call([("model", self.shm.name, settings, start) for start in self.grad_starts])
+        starts = [nbytes * (k + 1) for k in range(self.n_workers)]
+        self.grads = [views(self.shm.buf, layout, model.dtype, start) for start in starts]
+        self._call([("model", self.shm.name, settings, start) for start in starts])
         self.settings = settings
-        self.layout = layout
 
     @property
     def alive(self) -> bool:
@@ -259,16 +260,13 @@ class BatchWorkers:
                                      for s in parts[1:]], run_here, parts[0])
         return [first] + [h for (h,) in replies]
 
-    def backward(self, model, run_here, first_cache):
+    def backward(self, run_here, first_cache):
         """[run_here(first_cache), each worker's gradients]: name -> gradient, None where
         nothing was computed. A worker's gradients are views of the shared block, valid
         until its next backward."""
         first, replies = self._call([("backward",)] * self.n_workers, run_here, first_cache)
-        runs = [first]
-        for (computed,), start in zip(replies, self.grad_starts):
-            grads = views(self.shm.buf, self.layout, model.dtype, start)
-            runs.append({name: grads[name] if name in computed else None for name in grads})
-        return runs
+        return [first] + [{name: g if name in computed else None for name, g in grads.items()}
+                          for (computed,), grads in zip(replies, self.grads)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -310,7 +308,7 @@ class Worker:
         return (self.outbox.post(self.model.backbone(idx, pad_mask)),)
 
     def backward(self):
-        grads = self.model.part_backward(self.cache)
+        grads = self.model.step_backward(self.cache)
         self.cache = None
         for name, g in grads.items():
             if g is not None:
