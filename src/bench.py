@@ -60,7 +60,8 @@ SIZES = {
     "gpt2": dict(vocab_size=50257, block_size=256, n_layer=12, n_head=12, n_embd=768, batch=4),
 }
 GPT2_REPEAT = 3
-PARTS = ("threads", "procs")  # the batch-parts contenders: GPT's batch_threads, batch_processes
+# the batch-parts contenders and their rows' labels: GPT's batch_threads, batch_processes
+PARTS = {"threads": "batch", "procs": "procs"}
 FEATURE_CACHE_SIZES = ("tiny", "small", "medium")  # the head-only comparison skips gpt2
 SCALING_BASE = "small"  # step time against T and against batch, other sizes fixed
 SCALING_T = (32, 64, 128)
@@ -1417,8 +1418,9 @@ def others_by_row(sizes: dict) -> dict:
     rows = {}
     for name, r in sizes.items():
         for key, label in (("fwd_bwd", "fwd+bwd"), ("train_step", "train step")):
-            for field, suffix in (("numpy_others_cpu", ""), ("numpy_threads_others_cpu", " batch/N"),
-                                  ("numpy_procs_others_cpu", " procs/N")):
+            for field, suffix in (("numpy_others_cpu", ""),
+                                  *((f"numpy_{parts}_others_cpu", f" {label}/N")
+                                    for parts, label in PARTS.items())):
                 if r[key].get(field) is not None:
                     rows[f"{name} {label}{suffix}"] = r[key][field]
     return rows
@@ -1487,12 +1489,12 @@ def format_report(result) -> str:
                 f"{_fmt(s.get('torch_cpu_use'), '5.2f')} {_fmt(s.get('numpy_others_cpu'), '6.2f')} | "
                 f"{s['numpy_gflops']:7.1f} {100 * s['numpy_peak_fraction']:5.1f}%"
                 + _busy(s.get('numpy_others_cpu')))
-            for parts, row in zip(PARTS, ("batch/", "procs/")):
+            for parts, label in PARTS.items():
                 if f"numpy_{parts}_ms" not in s:
                     continue
                 n = f"numpy_{parts}"
                 lines.append(
-                    f"{'':7} {'  ' + row + str(th['requested']):10} {s[n + '_ms']:9.1f} "
+                    f"{'':7} {f'  {label}/' + str(th['requested']):10} {s[n + '_ms']:9.1f} "
                     f"{'':9} {_fmt(s.get('ratio_' + parts), '8.2f')} "
                     f"{_fmt(s.get('ratio_' + parts + '_best'), '6.2f')} | {'':8} {'':8} {'':8} | "
                     f"{s[n + '_cpu_use']:4.2f} {'':5} "
