@@ -276,6 +276,46 @@ def test_add_rows_at_equals_ufunc_at_bit_for_bit():
         K.add_rows_at(np.zeros((C, 7), np.float32).T, rows, values)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_split_in_threads_gives_the_whole_calls_numbers_from_as_many_threads(threads, monkeypatch):
+    """A copy and a left-to-right sum of three parts, each group's entries cut into shares
+    (sizes that do not divide evenly, a 0-d and a transposed array): the whole calls'
+    numbers bit for bit, computed in `threads` shares handed to other threads; below the
+    threshold, whole calls in the calling thread."""
+    import threading
+
+    from transferlab.model import add_in_order
+
+    r = np.random.default_rng(16)
+    shapes = [(7, 5), (1001,), (), (3, 4, 5)]
+    parts = [[r.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
+    parts[1][3] = np.ascontiguousarray(parts[1][3].T).T  # strided: runs whole
+    want = [a.copy() for a in parts[0]]
+    for w, b, c in zip(want, parts[1], parts[2]):
+        add_in_order(w, b, c)  # w += b; w += c
+    seen, handed = set(), []
+    real = K.in_threads
+    monkeypatch.setattr(K, "in_threads", lambda fn, items: handed.append(len(items)) or real(fn, items))
+
+    def add(total, *others):
+        seen.add(threading.get_ident())
+        add_in_order(total, *others)
+
+    got = [a.copy() for a in parts[0]]
+    K.split_in_threads(add, zip(got, parts[1], parts[2]), threads, split_from=0)
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
+    assert handed == [threads] and seen and threading.get_ident() not in seen
+    copies = [np.empty_like(a) for a in parts[1]]
+    K.split_in_threads(np.copyto, zip(copies, parts[1]), threads, split_from=0)
+    for c, a in zip(copies, parts[1]):
+        assert np.array_equal(c, a)
+    assert handed == [threads, threads]
+    seen.clear()
+    K.split_in_threads(add, zip(got, parts[1], parts[2]), threads)  # 2,000 entries < SPLIT_FROM
+    assert seen == {threading.get_ident()} and handed == [threads, threads]
+
+
 @pytest.mark.parametrize("V", [31, 20])
 @pytest.mark.parametrize("tied", [False, True])
 def test_embedding_rows_equal_plain_bit_for_bit(tied, V):

@@ -100,6 +100,33 @@ def test_the_workers_follow_every_change_to_the_model_between_steps():
     assert_same_step(step(procs, idx, yt), step(threads, idx, yt))
 
 
+def test_passes_over_every_parameter_split_across_threads_keep_the_numbers(monkeypatch):
+    """With the threshold at 0 every pass over the parameters that the other parts wait
+    for runs in as many threads as there are parts, in both processes: the weights'
+    copy into the shared block, the worker's copy of its gradients, the logits joined and
+    the gradients added. The numbers stay the threads path's bit for bit, through
+    optimizer steps and with a frozen block (gradients no part computes)."""
+    from transferlab import kernels
+
+    monkeypatch.setattr(kernels, "SPLIT_FROM", 0)  # read when a worker is built, sent to it
+    handed, real = [], kernels.in_threads
+    monkeypatch.setattr(kernels, "in_threads", lambda fn, items: handed.append(len(items)) or real(fn, items))
+    cfg = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
+    r = np.random.default_rng(3)
+    idx, y = r.integers(0, 13, (5, 8)), r.integers(0, 13, (5, 8))
+    threads, procs = pair(cfg, seed=7)
+    for m in (threads, procs):
+        M.freeze(m, "h.0.*")
+    opts = [AdamW(m.params, lr=1e-2) for m in (threads, procs)]
+    for _ in range(2):
+        a, b = step(threads, idx, y), step(procs, idx, y)
+        assert_same_step(b, a)
+        for opt, grads in zip(opts, (a[2], b[2])):
+            opt.step(grads)
+    # per step: threads join and add (2), processes also copy the weights in (3)
+    assert handed == [2] * 10
+
+
 def test_float32_parts_in_processes_equal_the_one_part_step_to_float32_rounding():
     cfg = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16)
     r = np.random.default_rng(8)

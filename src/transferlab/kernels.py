@@ -545,6 +545,40 @@ def in_threads(fn, items) -> list:
         return [f.result() for f in futures]
 
 
+SPLIT_FROM = 1 << 24  # entries: fewer run whole in the calling thread (handing work to a
+# thread costs ~0.3 ms; GPT-2 124M's 124M weights copied into shared memory took 75 ms on
+# one thread and 40 in two, docs/performance.md#batch-parts-in-processes)
+
+
+def split_in_threads(fn, groups, threads: int, split_from: int | None = None) -> None:
+    """fn(*group) for every group of same-shape arrays, where fn is elementwise (a copy,
+    an in-place sum): each group's entries are cut into `threads` equal shares and share k
+    of every group runs in thread k, which gives the whole calls' numbers bit for bit.
+
+    For the passes over every parameter that batch parts in processes make while the other
+    processes wait (workers.py). Runs whole in the calling thread for one thread or fewer
+    than `split_from` (default SPLIT_FROM) entries; a group that is not contiguous runs whole
+    in the first share.
+    """
+    groups = [tuple(g) for g in groups]
+    split_from = SPLIT_FROM if split_from is None else split_from
+    if threads <= 1 or sum(g[0].size for g in groups) < split_from:
+        for g in groups:
+            fn(*g)
+        return
+    shares: list[list] = [[] for _ in range(threads)]
+    for g in groups:
+        if not all(a.flags.c_contiguous for a in g):
+            shares[0].append(g)
+            continue
+        flat = [a.reshape(-1) for a in g]  # views
+        n = flat[0].size
+        for k in range(threads):
+            s = slice(n * k // threads, n * (k + 1) // threads)
+            shares[k].append([a[s] for a in flat])
+    in_threads(lambda share: [fn(*g) for g in share], shares)
+
+
 # ----------------------------------------------------------------------------------------
 # memory: keep what NumPy frees for its next arrays (docs/performance.md#reuse-freed-memory)
 

@@ -36,7 +36,7 @@ import numpy as np
 from . import heads as H
 from . import masks as M
 from . import weights
-from .kernels import FAST, KernelTable, in_threads, kernel_table, reuse_freed_memory
+from .kernels import FAST, KernelTable, in_threads, kernel_table, reuse_freed_memory, split_in_threads
 from .knobs import Rule, check_knobs, check_value, knob
 from .layers import attention_mask
 from .lora import lora_linear_backward, lora_linear_forward
@@ -313,16 +313,39 @@ def batch_parts(model, B: int) -> list[slice] | None:
     return [slice(bounds[k], bounds[k + 1]) for k in range(n)]
 
 
-def sum_in_order(arrays):
-    """arrays[0] + arrays[1] + ..., left to right; None if any is None (a skipped product).
-    The parts' gradients are new arrays nothing else holds, so the sum goes into the first
-    one (no copy of a (V, C) gradient at GPT-2's size)."""
-    if any(a is None for a in arrays):
-        return None
-    total = arrays[0] if arrays[0].flags.writeable and arrays[0].flags.owndata else arrays[0].copy()
-    for a in arrays[1:]:
+def sum_parts(runs, names, threads: int) -> dict:
+    """name -> runs[0][name] + runs[1][name] + ..., left to right, for every name; None
+    where a part has None (a skipped product). The parts' gradients are new arrays nothing
+    else holds, so each sum goes into the first part's (no copy of a (V, C) gradient at
+    GPT-2's size). The additions, which the other parts wait for, are split across
+    `threads` threads (kernels.split_in_threads: the same numbers)."""
+    totals, adds = {}, []
+    for name in names:
+        arrays = [run[name] for run in runs]
+        if any(a is None for a in arrays):
+            totals[name] = None
+            continue
+        first = arrays[0]
+        totals[name] = first if first.flags.writeable and first.flags.owndata else first.copy()
+        adds.append((totals[name], *arrays[1:]))
+    split_in_threads(add_in_order, adds, threads)
+    return totals
+
+
+def add_in_order(total, *others):
+    """total += others[0]; total += others[1]; ...: the parts' order, whichever thread runs it."""
+    for a in others:
         total += a
-    return total
+
+
+def concat_parts(arrays, threads: int) -> np.ndarray:
+    """np.concatenate(arrays): the parts' rows, one after another, the copies split across
+    `threads` threads (kernels.split_in_threads)."""
+    bounds = np.cumsum([0] + [len(a) for a in arrays])
+    out = np.empty((bounds[-1], *arrays[0].shape[1:]), dtype=np.result_type(*arrays))
+    split_in_threads(np.copyto, [(out[bounds[k]:bounds[k + 1]], a) for k, a in enumerate(arrays)],
+                     threads)
+    return out
 
 
 def loss_count(cfg, targets) -> int:
@@ -448,7 +471,7 @@ class GPT:
             runs = in_threads(run, parts)
         else:  # the first part here, the others in the worker processes
             runs = workers.forward(self, run, parts, idx, targets, pad_mask, count)
-        logits = np.concatenate([run[0] for run in runs])  # (B, ...)
+        logits = concat_parts([run[0] for run in runs], len(parts))  # (B, ...)
         loss = None if targets is None else sum(run[1] for run in runs)
         self._cache = BatchPartsCache(parts, [run[2] for run in runs], workers)
         return logits, loss
@@ -479,7 +502,7 @@ class GPT:
         else:
             hs = workers.backbone(self, run, parts, idx, pad_mask)
         self._backbone_cache = None
-        return np.concatenate(hs)  # (B, T, C)
+        return concat_parts(hs, len(parts))  # (B, T, C)
 
     def _backbone(self, idx, pad_mask, keep_cache):
         """backbone() on one batch: (h, BackboneCache or None)."""
@@ -563,7 +586,7 @@ class GPT:
                 runs = in_threads(self.step_backward, c.caches)
             else:
                 runs = c.workers.backward(self.step_backward, c.caches[0])
-            grads = {name: sum_in_order([run[name] for run in runs]) for name in p}
+            grads = sum_parts(runs, p, len(runs))
         else:
             grads = self.step_backward(c)
         for name, g in grads.items():  # frozen or unreached: an explicit zero gradient

@@ -19,6 +19,8 @@ What crosses between the processes, per step:
 - after the backward: each worker's gradients, written into its own area of the block,
   which the calling process adds to its own part's gradients in part order (the same
   additions as the threads path, so the same numbers bit for bit).
+The other processes wait while these copies and sums run, so from GPT-2 124M's size
+(kernels.SPLIT_FROM entries) each is split across as many threads as there are processes.
 
 A worker starts with the spawn method (a fresh interpreter: no state forked from a process
 with running threads, which imports NumPy and transferlab once) the first time a model
@@ -38,8 +40,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import kernels
 from . import masks as M
-from .kernels import blas_threads
+from .kernels import blas_threads, split_in_threads
 
 ALIGN = 64  # bytes: every array in the shared block starts on a cache line
 
@@ -171,8 +174,9 @@ class BatchWorkers:
         settings = (model.config, kernels, model.dtype.str, layout, frozen_names(model))
         if settings != self.settings:
             self._rebuild(model, settings, layout, nbytes)
-        for name, p in model.params.items():
-            np.copyto(self.weights[name], p)
+        # the workers wait for this copy: it runs in as many threads as there are processes
+        split_in_threads(np.copyto, [(self.weights[name], p) for name, p in model.params.items()],
+                         self.n_workers + 1)
 
     def _rebuild(self, model, settings, layout, nbytes):
         size = nbytes * (1 + self.n_workers)
@@ -187,7 +191,10 @@ class BatchWorkers:
         self.weights = views(self.shm.buf, layout, model.dtype, 0)
         starts = [nbytes * (k + 1) for k in range(self.n_workers)]
         self.grads = [views(self.shm.buf, layout, model.dtype, start) for start in starts]
-        self._call([("model", self.shm.name, settings, start) for start in starts])
+        # the worker splits its gradients' copy as this process splits its passes (the
+        # threshold goes with the message, so one setting holds for every process)
+        split = (self.n_workers + 1, kernels.SPLIT_FROM)
+        self._call([("model", self.shm.name, settings, start, split) for start in starts])
         self.settings = settings
 
     @property
@@ -281,8 +288,10 @@ class Worker:
     def __init__(self):
         self.shm, self.model, self.cache, self.grads_out = None, None, None, {}
         self.outbox = Outbox()
+        self.split = (1, None)  # (threads, from how many entries) for the copy of its
+        # gradients, which the other processes wait for (kernels.split_in_threads)
 
-    def build(self, name, settings, grad_start):
+    def build(self, name, settings, grad_start, split):
         from .model import worker_model  # imported here: model.py imports this module
 
         config, kernels, dtype, layout, frozen = settings
@@ -293,6 +302,7 @@ class Worker:
                 self.shm.close()
             self.shm = shared_memory.SharedMemory(name=name)
         self.grads_out = views(self.shm.buf, layout, dtype, grad_start)
+        self.split = split
         self.model = worker_model(config, pickle.loads(kernels), views(self.shm.buf, layout, dtype, 0),
                                   frozen)
         self.cache = None
@@ -310,9 +320,8 @@ class Worker:
     def backward(self):
         grads = self.model.step_backward(self.cache)
         self.cache = None
-        for name, g in grads.items():
-            if g is not None:
-                np.copyto(self.grads_out[name], g)
+        split_in_threads(np.copyto, [(self.grads_out[name], g) for name, g in grads.items() if g is not None],
+                         *self.split)
         return ({name for name, g in grads.items() if g is not None},)
 
     def close(self):
