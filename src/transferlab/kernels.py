@@ -545,9 +545,10 @@ def in_threads(fn, items) -> list:
         return [f.result() for f in futures]
 
 
-SPLIT_FROM = 1 << 24  # entries: fewer run whole in the calling thread (handing work to a
-# thread costs ~0.3 ms; GPT-2 124M's 124M weights copied into shared memory took 75 ms on
-# one thread and 40 in two, docs/performance.md#batch-parts-in-processes)
+SPLIT_FROM = 1 << 24  # entries: fewer run whole in the calling thread. GPT-2 124M's 124M
+# weights are copied into shared memory in 79 ms on one thread and 43 in two, and its step
+# gains 1-3%; split at 0, medium's step took 1.5-2% longer and small's 6-8%
+# (docs/performance.md#batch-parts-in-processes)
 
 
 def split_in_threads(fn, groups, threads: int, split_from: int | None = None) -> None:
