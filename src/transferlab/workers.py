@@ -167,11 +167,11 @@ class BatchWorkers:
         """Give every worker the model's settings (if they changed) and its weights."""
         layout, nbytes = block_layout(model.params)
         try:
-            kernels = pickle.dumps(model.kernels)
+            table = pickle.dumps(model.kernels)
         except Exception as e:  # a table of lambdas or local functions
             raise ValueError(f"batch_processes needs a kernel table other processes can "
                              f"import (a name in kernels.KERNELS): {e}") from None
-        settings = (model.config, kernels, model.dtype.str, layout, frozen_names(model))
+        settings = (model.config, table, model.dtype.str, layout, frozen_names(model))
         if settings != self.settings:
             self._rebuild(model, settings, layout, nbytes)
         # the workers wait for this copy: it runs in as many threads as there are processes
@@ -294,7 +294,7 @@ class Worker:
     def build(self, name, settings, grad_start, split):
         from .model import worker_model  # imported here: model.py imports this module
 
-        config, kernels, dtype, layout, frozen = settings
+        config, table, dtype, layout, frozen = settings
         if self.shm is None or self.shm.name != name:  # a new block: drop every view of the old
             self.model = self.cache = None
             self.grads_out = {}
@@ -303,7 +303,7 @@ class Worker:
             self.shm = shared_memory.SharedMemory(name=name)
         self.grads_out = views(self.shm.buf, layout, dtype, grad_start)
         self.split = split
-        self.model = worker_model(config, pickle.loads(kernels), views(self.shm.buf, layout, dtype, 0),
+        self.model = worker_model(config, pickle.loads(table), views(self.shm.buf, layout, dtype, 0),
                                   frozen)
         self.cache = None
         return ()
