@@ -324,6 +324,25 @@ def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
     assert ("vs torch" in report) == (torch is not None)
 
 
+def test_the_profiles_account_for_the_whole_step(restore_threads):
+    """--profile: NumPy's kernels plus its "other" line add up to the step; PyTorch's largest
+    operators plus one line for the rest add up to its profiled total."""
+    bench.set_threads(1, torch)
+    numpy_side = bench.profile_numpy("tiny", steps=2)
+    kernels = numpy_side["kernels"]
+    assert kernels["layernorm_forward"]["calls"] == 2 * 2 + 1  # two blocks and ln_f
+    assert sum(k["ms"] for k in kernels.values()) == pytest.approx(numpy_side["step_ms"])
+    if torch is None:
+        return
+    torch_side = bench.profile_torch(torch, "tiny", steps=2, top=3)
+    ops = torch_side["ops"]
+    assert len(ops) == 4 and "(the other operators)" in ops
+    largest = [op["ms"] for name, op in ops.items() if name != "(the other operators)"]
+    assert largest == sorted(largest, reverse=True)
+    assert sum(op["ms"] for op in ops.values()) == pytest.approx(torch_side["step_ms"])
+    assert ops["(the other operators)"]["calls"] > 0
+
+
 def test_step_counts_are_how_often_a_step_runs_each_layer():
     """step_against_layers runs each layer alone as often as a step does: count the kernel
     calls of one real forward+backward (two blocks at tiny)."""
