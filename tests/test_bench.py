@@ -325,13 +325,13 @@ def test_kernel_gains_time_each_form_of_each_layer(restore_threads):
 
 
 def test_the_profiles_account_for_the_whole_step(restore_threads):
-    """--profile: NumPy's kernels plus its "other" line add up to the step; PyTorch's largest
-    operators plus one line for the rest add up to its profiled total."""
+    """--profile: NumPy's kernel calls, each counted once, fit inside its step; PyTorch's
+    `top` largest operators come largest first, followed by one line for all the others."""
     bench.set_threads(1, torch)
     numpy_side = bench.profile_numpy("tiny", steps=2)
     kernels = numpy_side["kernels"]
     assert kernels["layernorm_forward"]["calls"] == 2 * 2 + 1  # two blocks and ln_f
-    assert sum(k["ms"] for k in kernels.values()) == pytest.approx(numpy_side["step_ms"])
+    assert kernels["other (head, loss, residual adds, Python)"]["ms"] >= 0  # no call timed twice
     if torch is None:
         return
     torch_side = bench.profile_torch(torch, "tiny", steps=2, top=3)
@@ -339,8 +339,7 @@ def test_the_profiles_account_for_the_whole_step(restore_threads):
     assert len(ops) == 4 and "(the other operators)" in ops
     largest = [op["ms"] for name, op in ops.items() if name != "(the other operators)"]
     assert largest == sorted(largest, reverse=True)
-    assert sum(op["ms"] for op in ops.values()) == pytest.approx(torch_side["step_ms"])
-    assert ops["(the other operators)"]["calls"] > 0
+    assert ops["(the other operators)"]["calls"] > 0 and ops["(the other operators)"]["ms"] >= 0
 
 
 def test_step_counts_are_how_often_a_step_runs_each_layer():
